@@ -1,0 +1,64 @@
+"""The Switchyard HTTP API: a Flask app factory. Importing this package opens no connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from flask import Flask
+
+from tasks.settings import Settings
+
+
+@dataclass
+class Services:
+    """Per-process handles, opened on first use (gunicorn forks after the app module is imported)."""
+
+    settings: Settings
+    _cache: dict = field(default_factory=dict)
+
+    @cached_property
+    def pool(self):
+        from tasks.db import make_pool
+
+        return make_pool(self.settings.database_url, max_size=20, name="api")
+
+    @cached_property
+    def redis(self):
+        import redis
+
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+    @cached_property
+    def celery(self):
+        from tasks.celery_app import create_celery
+
+        return create_celery(self.settings)
+
+    @cached_property
+    def tokenizer(self):
+        from tasks.prompting import load_tokenizer
+
+        return load_tokenizer(self.settings.resolved_model_path)
+
+    @cached_property
+    def waiter(self):
+        from api.waiter import JobWaiter
+
+        return JobWaiter(self.settings.redis_url)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from api.errors import register_error_handlers
+    from api.health import bp as health_bp
+    from api.jobs import bp as jobs_bp
+
+    settings = settings or Settings.from_env().require_urls()
+    app = Flask("switchyard")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["switchyard"] = Services(settings)
+    register_error_handlers(app)
+    app.register_blueprint(health_bp)
+    app.register_blueprint(jobs_bp)
+    return app

@@ -1,0 +1,73 @@
+"""One error type, rendered by one handler as RFC 9457 `application/problem+json`."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import psycopg_pool
+import redis
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+
+
+class ApiError(Exception):
+    """Raised by a view to answer with a problem document; `extra` members are merged into it."""
+
+    def __init__(self, status: int, title: str, detail: str, *, headers: dict | None = None, **extra):
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.headers, self.extra = status, title, detail, headers or {}, extra
+
+
+def problem(status: int, title: str, detail: str, headers: dict | None = None, **extra):
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = PROBLEM
+    response.headers.update(headers or {})
+    return response
+
+
+def validation_errors(exc: ValidationError) -> list[dict]:
+    """pydantic's errors as `{field, message}` pairs a client can act on."""
+    out = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field; remove it"
+        out.append({"field": field, "message": message})
+    return out
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return problem(exc.status, exc.title, exc.detail, exc.headers, **exc.extra)
+
+    @app.errorhandler(ValidationError)
+    def _invalid(exc: ValidationError):
+        errors = validation_errors(exc)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return problem(422, "Invalid job request", detail, errors=errors)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        detail = exc.description or exc.name
+        if exc.code == 413:
+            detail = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes; send a smaller body"
+        return problem(exc.code or 500, exc.name, detail)
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(psycopg.OperationalError)
+    @app.errorhandler(psycopg_pool.PoolTimeout)
+    def _unavailable(exc: Exception):
+        log.warning("dependency unavailable: %r", exc)
+        return problem(503, "Service Unavailable", "a backing service (Redis or Postgres) is unreachable; retry shortly",
+                       {"Retry-After": "5"})

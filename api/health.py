@@ -1,0 +1,39 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from tasks import registry, store
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz():
+    """Ready when Redis and Postgres answer and at least one worker's heartbeat is live."""
+    services = current_app.extensions["switchyard"]
+    checks: dict[str, str] = {}
+    nodes: list[dict] = []
+    try:
+        services.redis.ping()
+        checks["redis"] = "ok"
+        nodes = registry.live_nodes(services.redis)
+        checks["workers"] = f"{len(nodes)} live" if nodes else "no live worker"
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal here
+        checks["redis"] = f"unreachable: {exc}"
+        checks["workers"] = "unknown (redis unreachable)"
+    try:
+        store.ping(services.pool)
+        checks["postgres"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["postgres"] = f"unreachable: {exc}"
+    ready = checks["redis"] == "ok" and checks["postgres"] == "ok" and bool(nodes)
+    response = jsonify(status="ready" if ready else "not ready", checks=checks, nodes=[n["id"] for n in nodes])
+    response.status_code = 200 if ready else 503
+    return response

@@ -1,0 +1,3 @@
+DROP TABLE jobs;
+DROP TABLE api_keys;
+DROP TABLE tenants;

@@ -1,0 +1,243 @@
+"""The local cluster: `python -m ops.cluster up | down | status` (the Makefile's `make up` / `make down`).
+
+`up` starts Postgres and Redis (embedded ones, unless DATABASE_URL / REDIS_URL are set), migrates,
+prepares the model, starts the API (gunicorn), the router, one GPU worker and Flower, then submits a
+few sample jobs and prints the model's answers. State, logs and pid files live in `.switchyard/`, so a
+second `up` reuses everything the first prepared and `down` stops exactly what `up` started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = Path(os.environ.get("SWITCHYARD_HOME", ROOT / ".switchyard"))
+RUN, LOGS = HOME / "run", HOME / "logs"
+PG_PORT = int(os.environ.get("SWITCHYARD_PG_PORT", "55432"))
+VALKEY_PORT = int(os.environ.get("SWITCHYARD_VALKEY_PORT", "56379"))
+API_PORT = int(os.environ.get("SWITCHYARD_API_PORT", "8000"))
+FLOWER_PORT = int(os.environ.get("SWITCHYARD_FLOWER_PORT", "5555"))
+NODE_ID = os.environ.get("SWITCHYARD_NODE_ID", "local-gpu-0")
+
+SAMPLES = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0},
+    {"messages": [{"role": "user", "content": "Name three primary colors."}], "max_tokens": 48, "temperature": 0},
+    {"prompt": "The three laws of thermodynamics are", "max_tokens": 48, "temperature": 0},
+]
+
+
+def say(message: str) -> None:
+    print(f"[switchyard] {message}", flush=True)
+
+
+# --- backing services -----------------------------------------------------------------------------
+
+
+def backing_services() -> dict[str, str]:
+    from ops.services import EmbeddedPostgres, EmbeddedValkey
+
+    urls = {"DATABASE_URL": os.environ.get("DATABASE_URL"), "REDIS_URL": os.environ.get("REDIS_URL")}
+    if not urls["DATABASE_URL"]:
+        say(f"starting embedded PostgreSQL 18 + pgvector on 127.0.0.1:{PG_PORT} (data in {HOME / 'pg'})")
+        urls["DATABASE_URL"] = EmbeddedPostgres(HOME / "pg", PG_PORT).start().url
+    if not urls["REDIS_URL"]:
+        say(f"starting embedded Valkey (Redis protocol) on 127.0.0.1:{VALKEY_PORT}")
+        urls["REDIS_URL"] = EmbeddedValkey(HOME / "valkey", VALKEY_PORT).start().url
+    return urls
+
+
+def demo_key(database_url: str) -> str:
+    """The demo tenant's API key, created once and kept (mode 0600) in .switchyard/demo-api-key."""
+    path = HOME / "demo-api-key"
+    if path.exists():
+        return path.read_text().strip()
+    from tasks import store
+    from tasks.db import make_pool
+
+    with make_pool(database_url, max_size=1) as pool:
+        _, key = store.create_tenant(pool, f"demo-{int(time.time())}")
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def _pid(name: str) -> int | None:
+    try:
+        pid = int((RUN / f"{name}.pid").read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+_children: dict[str, subprocess.Popen] = {}
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str]) -> None:
+    if _pid(name):
+        say(f"{name}: already running (pid {_pid(name)})")
+        return
+    log = open(LOGS / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _children[name] = proc
+    (RUN / f"{name}.pid").write_text(str(proc.pid))
+    say(f"{name}: started (pid {proc.pid}, log {LOGS / f'{name}.log'})")
+
+
+def _exited(name: str) -> bool:
+    proc = _children.get(name)
+    return proc.poll() is not None if proc else _pid(name) is None
+
+
+def processes(env: dict[str, str]) -> dict[str, list[str]]:
+    py = sys.executable
+    return {
+        "api": [py, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py", "-b", f"127.0.0.1:{API_PORT}", "api.wsgi:app"],
+        "router": [py, "-m", "workers.router"],
+        "worker": [py, "-m", "workers.gpu"],
+        "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}", "--address=127.0.0.1"],
+    }
+
+
+def wait_ready(timeout: float = 300) -> None:
+    """Poll /readyz, printing progress, until the API, both stores and a worker are up."""
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < timeout:
+        for name in ("api", "router", "worker"):
+            if _exited(name):
+                raise SystemExit(f"{name} exited; see {LOGS / f'{name}.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    say(f"ready after {time.monotonic() - started:.0f} s")
+                    return
+        except urllib.error.HTTPError as exc:
+            checks = json.loads(exc.read()).get("checks", {})
+            state = ", ".join(f"{k}: {v}" for k, v in checks.items())
+            if state != last:
+                say(f"waiting ({time.monotonic() - started:.0f} s): {state} - the worker loads the model")
+                last = state
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise SystemExit(f"not ready after {timeout:.0f} s; see the logs in {LOGS}")
+
+
+def _call(method: str, path: str, key: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{API_PORT}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=90) as resp:
+        return json.loads(resp.read())
+
+
+def run_samples(key: str) -> None:
+    say(f"submitting {len(SAMPLES)} sample jobs")
+    jobs = [(_call("POST", "/v1/jobs", key, s), s) for s in SAMPLES]
+    for job, sample in jobs:
+        done = _call("GET", f"/v1/jobs/{job['id']}?wait=60", key)
+        question = sample.get("prompt") or sample["messages"][-1]["content"]
+        print(f"\n  Q: {question}")
+        if done["status"] == "succeeded":
+            usage = done["result"]["usage"]
+            print(f"  A: {done['result']['text'].strip()}")
+            print(f"     ({done['status']}, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} output tokens, "
+                  f"node {done['node_id']})")
+        else:
+            print(f"  !! job {done['id']} is {done['status']}: {done.get('error')}")
+    print()
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def up(args) -> None:
+    for d in (HOME, RUN, LOGS):
+        d.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    urls = backing_services()
+    from tasks.db import migrate
+    from workers.model import prepare
+
+    migrate(urls["DATABASE_URL"], log=say)
+    key = demo_key(urls["DATABASE_URL"])
+    prepare(log=say)
+    env = {**os.environ, **urls, "HF_HUB_OFFLINE": "1", "SWITCHYARD_NODE_ID": NODE_ID, "PYTHONUNBUFFERED": "1"}
+    (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
+    for name, argv in processes(env).items():
+        spawn(name, argv, env)
+    wait_ready()
+    if not args.no_samples:
+        run_samples(key)
+    say(f"up in {time.monotonic() - started:.0f} s")
+    say(f"API     http://127.0.0.1:{API_PORT}   (try: curl http://127.0.0.1:{API_PORT}/readyz)")
+    say(f"Flower  http://127.0.0.1:{FLOWER_PORT}")
+    say(f"API key {key}   (also in {HOME / 'demo-api-key'}; URLs in {HOME / 'env'})")
+    say("stop everything with: make down")
+
+
+def _stop_pid(name: str, pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    say(f"{name}: stopped")
+
+
+def down(_args) -> None:
+    from ops.services import EmbeddedPostgres, EmbeddedValkey
+
+    for name in ("flower", "api", "router", "worker"):
+        pid = _pid(name)
+        if pid:
+            _stop_pid(name, pid)
+        (RUN / f"{name}.pid").unlink(missing_ok=True)
+    if (HOME / "pg").exists():
+        EmbeddedPostgres(HOME / "pg", PG_PORT).stop()
+        say("postgres: stopped")
+    if (HOME / "valkey").exists():
+        EmbeddedValkey(HOME / "valkey", VALKEY_PORT).stop()
+        say("valkey: stopped")
+
+
+def status(_args) -> None:
+    for name in ("api", "router", "worker", "flower"):
+        pid = _pid(name)
+        say(f"{name}: {'running (pid %d)' % pid if pid else 'stopped'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ops.cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start everything and run the sample jobs")
+    p_up.add_argument("--no-samples", action="store_true")
+    sub.add_parser("down", help="stop everything `up` started")
+    sub.add_parser("status")
+    args = parser.parse_args(argv)
+    {"up": up, "down": down, "status": status}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

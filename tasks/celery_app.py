@@ -1,0 +1,62 @@
+"""The Celery app factory. Creating the app opens nothing; connections are made on first use in the
+process that uses them (after gunicorn's or Celery's fork)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis
+from celery import Celery
+
+from tasks.settings import Settings
+
+ROUTE_TASK = "switchyard.route"
+GENERATE_TASK = "switchyard.generate"
+
+
+def route_queue(strategy: str) -> str:
+    return f"route.{strategy}"
+
+
+class SwitchyardCelery(Celery):
+    """A Celery app that carries the settings and the process's Redis and Postgres handles."""
+
+    settings: Settings
+    #: set by the GPU worker at boot: callable(list[(job_id, attempt)]) -> None
+    batch_runner = None
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+
+    @cached_property
+    def db(self):
+        """The Postgres pool (named `db`: Celery's own `app.pool` is the broker connection pool)."""
+        from tasks.db import make_pool
+
+        return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4)
+
+
+def create_celery(settings: Settings) -> SwitchyardCelery:
+    app = SwitchyardCelery("switchyard", broker=settings.redis_url, set_as_current=True)
+    app.settings = settings
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in Postgres, not in a Celery result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_queue=route_queue(settings.default_strategy),
+        task_create_missing_queues=True,
+        # One visibility timeout for everything: longer than the longest job (checked in Settings).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    # Registers the shared tasks with this app.
+    import tasks.generation  # noqa: F401
+    import tasks.router  # noqa: F401
+
+    return app

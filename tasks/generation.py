@@ -1,0 +1,39 @@
+"""The generate task: a celery-batches task on a node's own queue.
+
+The task is thin: it turns the buffered messages into (job id, attempt) pairs and hands them to the
+batch runner the GPU worker installed at boot. The runner never raises for one job's failure; each
+job's outcome is written to Postgres, so the batch's messages are acked when it returns.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+from celery_batches import Batches
+
+from tasks.celery_app import GENERATE_TASK
+
+
+class SettingsBatches(Batches):
+    """Batches whose size and flush interval come from the app's settings."""
+
+    abstract = True
+
+    @property
+    def flush_every(self) -> int:
+        return self.app.settings.batch_size
+
+    @property
+    def flush_interval(self) -> float:
+        return self.app.settings.batch_flush_interval
+
+
+@shared_task(
+    name=GENERATE_TASK, base=SettingsBatches, bind=True, acks_late=True,
+    reject_on_worker_lost=True, ignore_result=True,
+)
+def generate(self, requests) -> int:
+    runner = self.app.batch_runner
+    if runner is None:
+        raise RuntimeError("this worker has no engine: start GPU workers with `python -m workers.gpu`")
+    runner([(r.args[0], int(r.args[1])) for r in requests])
+    return len(requests)

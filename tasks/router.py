@@ -1,0 +1,39 @@
+"""The route task: consumed from `route.<strategy>`, forwards a job to its chosen node's queue."""
+
+from __future__ import annotations
+
+import time
+
+from celery import shared_task
+
+from tasks import notify, registry, store
+from tasks.celery_app import GENERATE_TASK, ROUTE_TASK
+from tasks.routing import STRATEGIES
+
+_NO_NODE_RETRY_SECONDS = 1.0
+
+
+@shared_task(name=ROUTE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def route(self, job_id: str, attempt: int, model: str, strategy: str, enqueued_at: float) -> str | None:
+    app = self.app
+    nodes = registry.live_nodes(app.redis, model)
+    if not nodes:
+        waited = time.time() - enqueued_at
+        if waited < app.settings.no_node_deadline:
+            raise self.retry(countdown=_NO_NODE_RETRY_SECONDS)
+        error = {"type": "no_node", "message": f"no live worker serves model {model!r} after {waited:.0f} s"}
+        if store.fail_queued_job(app.db, job_id, attempt, error):
+            notify.job_finished(app.redis, job_id)
+        return None
+    node = STRATEGIES[strategy](app.redis, nodes, model=model)
+    if store.mark_routed(app.db, job_id, attempt, node["id"]) is None:
+        return None  # cancelled meanwhile, or a stale message for an older attempt
+    app.send_task(GENERATE_TASK, args=[job_id, attempt], queue=registry.node_queue(node["id"]))
+    return node["id"]
+
+
+def publish(app, job_id: str, attempt: int, model: str, strategy: str) -> None:
+    """Put a job on its strategy's queue (used by the API and on retry)."""
+    from tasks.celery_app import route_queue
+
+    app.send_task(ROUTE_TASK, args=[str(job_id), attempt, model, strategy, time.time()], queue=route_queue(strategy))

@@ -1,0 +1,84 @@
+"""The job request contract, validated with pydantic at the API and trusted downstream."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("message content must not be empty")
+        return v
+
+
+class Routing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str | None, info: ValidationInfo) -> str | None:
+        allowed = (info.context or {}).get("strategies")
+        if v is not None and allowed is not None and v not in allowed:
+            raise ValueError(f"unknown routing strategy {v!r}; use one of: {', '.join(allowed)}")
+        return v
+
+
+class JobRequest(BaseModel):
+    """Body of POST /v1/jobs. Give exactly one of `messages` (chat) or `prompt` (plain completion)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = None
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[NonEmptyText] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    routing: Routing | None = None
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_limit(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get("max_tokens_limit")
+        if v is not None and limit is not None and v > limit:
+            raise ValueError(f"max_tokens must be at most {limit}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "JobRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` (a chat) or `prompt` (plain text)")
+        return self
+
+    def sampling(self) -> dict:
+        """The fields the engine needs, as stored with the job."""
+        return self.model_dump(include={"max_tokens", "temperature", "top_p", "stop", "seed"})

@@ -1,0 +1,94 @@
+"""Switchyard settings: built once from the environment in an entry point, then passed down.
+
+Every process (API, router, GPU worker, quickstart) imports `tasks`, so the one settings object lives
+here. Nothing in this module reads the environment at import time: call `Settings.from_env()`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROUTING_STRATEGIES = ("round_robin",)
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """All knobs, each settable as SWITCHYARD_<NAME> (DATABASE_URL and REDIS_URL are plain)."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", frozen=True, extra="ignore")
+
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "SWITCHYARD_DATABASE_URL"))
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "SWITCHYARD_REDIS_URL"))
+
+    # Model served by the workers and known to the API (for validation and token counting).
+    model_name: str = "SmolLM2-135M-Instruct"
+    model_path: Path | None = None  # Hugging Face folder; None = the converted default model in cache_dir
+    cache_dir: Path = Path.home() / ".cache" / "switchyard"
+    max_model_len: int = Field(2048, ge=128)
+
+    # Request limits.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_tokens_limit: int = Field(2048, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    long_poll_max_seconds: int = Field(60, ge=1, le=60)
+    default_strategy: str = "round_robin"
+
+    # GPU worker.
+    node_id: str = Field(default_factory=_default_node_id)
+    batch_size: int = Field(32, ge=1)  # celery-batches flush_every
+    batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
+    batch_concurrency: int = Field(8, ge=1)  # batches that may be generating at once on one node
+    kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
+    enforce_eager: bool = True
+    heartbeat_interval: float = Field(2.0, gt=0)
+    heartbeat_ttl: float = Field(6.0, gt=0)
+
+    # Broker. The visibility timeout must exceed the longest job, or Redis redelivers a job that is
+    # still running; worker death is detected by heartbeats, not by this timeout.
+    visibility_timeout: int = Field(3600, ge=60)
+    job_timeout: int = Field(1800, ge=10)  # the longest a single generation may run
+    max_attempts: int = Field(3, ge=1)
+    no_node_deadline: float = Field(300.0, gt=0)  # a job waits this long for a live node, then fails
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.visibility_timeout <= self.job_timeout:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}s) must exceed job_timeout ({self.job_timeout}s)"
+            )
+        if self.default_strategy not in ROUTING_STRATEGIES:
+            raise ValueError(f"default_strategy must be one of {ROUTING_STRATEGIES}")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ValueError("heartbeat_ttl must exceed heartbeat_interval")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        return cls(**overrides)
+
+    @property
+    def resolved_model_path(self) -> Path:
+        return self.model_path or self.cache_dir / "models" / self.model_name
+
+    @property
+    def prefetch_count(self) -> int:
+        """Messages a GPU worker may hold unacked: every batch that may generate at once, plus one
+        batch being buffered. Acks are late (after the batch), so a smaller prefetch would stop new
+        jobs from reaching the running engine while long ones generate."""
+        return self.batch_size * (self.batch_concurrency + 1)
+
+    def require_urls(self) -> "Settings":
+        missing = [n for n, v in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url)) if not v]
+        if missing:
+            raise SystemExit(
+                f"{' and '.join(missing)} not set: export it, or start the local stack with `make up`"
+            )
+        return self

