@@ -40,6 +40,7 @@ class BatchRunner:
         """Abort a job's generation if it runs here (its row is already `cancelled`)."""
         rid = self._inflight.get(job_id)
         if rid is not None:
+            log.info("job %s was cancelled: aborting its generation", job_id)
             self.engine.abort(rid)
 
     def __call__(self, items: list[tuple[str, int]]) -> None:

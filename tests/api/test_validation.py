@@ -1,0 +1,96 @@
+"""Every bad input gets a 4xx problem+json that names what to fix, and leaves no row and no message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.api.conftest import auth, queued_messages
+from tests.conftest import job_count
+
+LONG_PROMPT = "word " * 5000  # ~5000 tokens, past the 2048-token context
+
+BAD_REQUESTS = [
+    # (case id, body (dict, or raw bytes), expected status, words the detail must contain)
+    ("malformed-json", b'{"prompt": "hi"', 400, "not valid JSON"),
+    ("not-an-object", b'["hi"]', 400, "JSON object"),
+    ("unknown-field", {"prompt": "hi", "temprature": 0.5}, 422, "temprature"),
+    ("wrong-type-prompt", {"prompt": 123}, 422, "prompt"),
+    ("wrong-type-max-tokens", {"prompt": "hi", "max_tokens": "many"}, 422, "max_tokens"),
+    ("wrong-type-messages", {"messages": "hello"}, 422, "messages"),
+    ("empty-prompt", {"prompt": ""}, 422, "prompt must not be empty"),
+    ("blank-prompt", {"prompt": "   \n"}, 422, "prompt must not be empty"),
+    ("empty-messages", {"messages": []}, 422, "messages"),
+    ("empty-message-content", {"messages": [{"role": "user", "content": ""}]}, 422, "content must not be empty"),
+    ("bad-role", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
+    ("no-input", {"max_tokens": 5}, 422, "exactly one of"),
+    ("both-inputs", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 422, "exactly one of"),
+    ("max-tokens-zero", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("max-tokens-negative", {"prompt": "hi", "max_tokens": -3}, 422, "max_tokens"),
+    ("max-tokens-over-limit", {"prompt": "hi", "max_tokens": 100000}, 422, "at most 2048"),
+    ("max-tokens-past-context", {"prompt": "word " * 1500, "max_tokens": 2000}, 422, "lower max_tokens"),
+    ("prompt-past-context", {"prompt": LONG_PROMPT}, 422, "context is 2048 tokens"),
+    ("chat-past-context", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 422, "context is 2048 tokens"),
+    ("temperature-out-of-range", {"prompt": "hi", "temperature": 7}, 422, "temperature"),
+    ("top-p-zero", {"prompt": "hi", "top_p": 0}, 422, "top_p"),
+    ("unknown-model", {"prompt": "hi", "model": "gpt-9"}, 422, "gpt-9"),
+    ("unknown-strategy", {"prompt": "hi", "routing": {"strategy": "random"}}, 422, "unknown routing strategy"),
+    ("seed-unsupported", {"prompt": "hi", "seed": 7, "temperature": 0.8}, 422, "seed"),
+    ("bad-metadata", {"prompt": "hi", "metadata": {"k": {"nested": 1}}}, 422, "metadata"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_is_refused_with_nothing_written(client, api_redis, db, tenant, body, status, words):
+    t, key = tenant
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post("/v1/jobs", data=data, headers={**auth(key), "Content-Type": "application/json"})
+
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert problem["status"] == status and problem["title"]
+    assert words in problem["detail"], problem["detail"]
+    assert job_count(db, t.id) == 0
+    assert queued_messages(api_redis) == 0
+
+
+def test_body_over_size_limit_is_413(client, api_redis, db, tenant, api_settings):
+    t, key = tenant
+    body = json.dumps({"prompt": "x" * (api_settings.max_body_bytes + 10)})
+    response = client.post("/v1/jobs", data=body, headers={**auth(key), "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.mimetype == "application/problem+json"
+    assert str(api_settings.max_body_bytes) in response.get_json()["detail"]
+    assert job_count(db, t.id) == 0 and queued_messages(api_redis) == 0
+
+
+def test_non_json_content_type_is_415(client, api_redis, db, tenant):
+    t, key = tenant
+    response = client.post("/v1/jobs", data="prompt=hi", headers={**auth(key), "Content-Type": "text/plain"})
+    assert response.status_code == 415
+    assert "application/json" in response.get_json()["detail"]
+    assert job_count(db, t.id) == 0 and queued_messages(api_redis) == 0
+
+
+def test_valid_request_writes_one_row_and_one_message(client, api_redis, db, tenant):
+    """The control for the tests above: the same checks do see a job when one is made."""
+    t, key = tenant
+    response = client.post("/v1/jobs", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                                             "seed": 3, "temperature": 0, "stop": "\n", "metadata": {"run": 1}},
+                           headers=auth(key))
+    assert response.status_code == 202, response.get_json()
+    job = response.get_json()
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["attempt"] == 1 and job["model"] == "SmolLM2-135M-Instruct"
+    assert job["request"]["stop"] == ["\n"] and job["metadata"] == {"run": 1}
+    assert job_count(db, t.id) == 1
+    assert queued_messages(api_redis) == 1
+
+
+def test_default_max_tokens_fits_the_context(client, api_redis, tenant, api_settings):
+    _, key = tenant
+    response = client.post("/v1/jobs", json={"prompt": "word " * 1900}, headers=auth(key))
+    assert response.status_code == 202
+    assert response.get_json()["request"]["max_tokens"] < api_settings.default_max_tokens

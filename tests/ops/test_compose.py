@@ -1,0 +1,192 @@
+"""docker-compose.yml: valid against the Compose Specification schema, and wired the way the code expects.
+
+No Docker engine is needed: the file is read with PyYAML (which resolves anchors and `<<:` merge keys,
+as Compose does) and checked against the vendored schema (tests/ops/compose-spec.json, see README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SCHEMA_FILE = Path(__file__).resolve().parent / "compose-spec.json"
+
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "router", "worker", "flower"}
+APP_SERVICES = ("api", "router", "worker", "flower")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft7Validator:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    assert schema.get("$id") == "compose_spec.json" and "service" in schema["definitions"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _errors(validator, document) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _argv(command) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the KEY=VALUE list form
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+# --- the schema ---------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_compose_spec(compose, validator):
+    assert _errors(validator, compose) == []
+
+
+@pytest.mark.parametrize("breakage", ["unknown_service_key", "bad_device_reservation", "bad_depends_condition"])
+def test_schema_rejects_a_broken_compose_file(compose, validator, breakage):
+    broken = json.loads(json.dumps(compose))  # no shared (anchored) objects: change one place only
+    if breakage == "unknown_service_key":
+        broken["services"]["api"]["imagee"] = broken["services"]["api"].pop("image")
+        expected = "imagee"
+    elif breakage == "bad_device_reservation":
+        # `capabilities` is required, and `gpus` is no key of a device reservation.
+        broken["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] = [
+            {"driver": "nvidia", "count": 1, "gpus": "all"}
+        ]
+        expected = "devices"
+    else:
+        broken["services"]["api"]["depends_on"]["migrate"]["condition"] = "service_finished"
+        expected = "depends_on"
+    errors = _errors(validator, broken)
+    assert errors, f"schema accepted a compose file with {breakage}"
+    assert any(expected in e for e in errors), errors
+
+
+# --- structural promises --------------------------------------------------------------------------------
+
+
+def test_expected_services_exist(compose):
+    assert EXPECTED_SERVICES <= set(compose["services"])
+
+
+def test_worker_reserves_an_nvidia_gpu(compose):
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") in (1, "1")
+               for d in devices), devices
+    assert worker["build"]["args"]["EXTRAS"] == "gpu"
+    env = _environment(worker)
+    assert env["SWITCHYARD_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct"
+    assert env.get("SWITCHYARD_NODE_ID")
+    assert any(str(v).split(":")[:2] == ["models", "/models"] for v in worker["volumes"]), worker["volumes"]
+    assert worker["stop_grace_period"] == "2m"
+
+
+def test_redis_is_durable_and_never_evicts(compose):
+    redis = compose["services"]["redis"]
+    argv = _argv(redis["command"])
+    assert "--appendonly" in argv and argv[argv.index("--appendonly") + 1] == "yes", argv
+    assert "--maxmemory-policy" in argv and argv[argv.index("--maxmemory-policy") + 1] == "noeviction", argv
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+    assert "redis-cli" in _argv(redis["healthcheck"]["test"])
+
+
+def test_postgres_matches_the_database_url(compose):
+    pg = compose["services"]["postgres"]
+    assert pg["image"].startswith("pgvector/pgvector:")
+    env = _environment(pg)
+    url = _environment(compose["services"]["api"])["DATABASE_URL"]
+    assert url == f"postgresql://postgres:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    assert "pg_isready" in " ".join(_argv(pg["healthcheck"]["test"]))
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_get_database_and_redis_urls(compose, name):
+    env = _environment(compose["services"][name])
+    assert env.get("DATABASE_URL", "").startswith("postgresql://"), env
+    assert env.get("REDIS_URL", "").startswith("redis://redis:6379"), env
+    assert str(env.get("HF_HUB_OFFLINE")) == "1", env
+
+
+def test_startup_order(compose):
+    services = compose["services"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["migrate"]["restart"] == "no"
+    api_deps = services["api"]["depends_on"]
+    assert api_deps["redis"]["condition"] == "service_healthy"
+    assert api_deps["postgres"]["condition"] == "service_healthy"
+    assert api_deps["migrate"]["condition"] == "service_completed_successfully"
+    for name, service in services.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+
+
+def test_api_serves_and_checks_healthz(compose):
+    api = compose["services"]["api"]
+    assert "8000:8000" in [str(p) for p in api["ports"]]
+    argv = _argv(api["command"])
+    assert argv[0] == "gunicorn" and "0.0.0.0:8000" in argv and "api.wsgi:app" in argv
+    assert "http://localhost:8000/healthz" in " ".join(_argv(api["healthcheck"]["test"]))
+
+
+def test_named_build_files_exist(compose):
+    builds = [s["build"] for s in compose["services"].values() if "build" in s]
+    assert builds
+    for build in builds:
+        build = {"context": build} if isinstance(build, str) else build
+        context = REPO / build.get("context", ".")
+        assert context.is_dir(), context
+        dockerfile = context / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.is_file(), f"{dockerfile} named in docker-compose.yml does not exist"
+
+
+def _module_file(module: str) -> Path | None:
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__main__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_entry_modules_exist(compose):
+    """Every `python -m X`, `gunicorn ... module:app` and `celery -A module` names a module in the repo."""
+    checked = []
+    for name, service in compose["services"].items():
+        if "command" not in service:
+            continue
+        argv = _argv(service["command"])
+        if argv[0].startswith("python") and "-m" in argv:
+            modules = [argv[argv.index("-m") + 1]]
+        elif argv[0] == "gunicorn":
+            app = argv[-1]  # gunicorn [OPTIONS] APP_MODULE
+            assert re.fullmatch(r"[A-Za-z_][\w.]*:\w+", app), f"{name}: {app!r} is not module:variable"
+            modules = [app.split(":")[0]]
+            conf = argv[argv.index("-c") + 1] if "-c" in argv else None
+            if conf:
+                assert (REPO / conf).is_file(), f"{name}: gunicorn config {conf} missing"
+        elif argv[0] == "celery":
+            modules = [argv[argv.index("-A") + 1]]
+        else:
+            continue
+        assert modules, f"{name}: no module found in {argv}"
+        for module in modules:
+            assert _module_file(module), f"{name}: module {module} has no file in the repository"
+            checked.append(module)
+    assert {"ops.admin", "workers.router", "workers.gpu", "api.wsgi", "tasks.app"} <= set(checked), checked
