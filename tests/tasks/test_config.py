@@ -1,0 +1,52 @@
+"""Settings and Celery configuration that must hold together."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.celery_app import create_celery
+from tasks.settings import Settings
+
+
+def test_visibility_timeout_must_exceed_the_longest_job():
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Settings(visibility_timeout=600, job_timeout=900)
+
+
+def test_celery_reliability_settings():
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", database_url="postgresql://x@127.0.0.1:1/x")
+    conf = create_celery(settings).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.broker_transport_options["visibility_timeout"] == settings.visibility_timeout > settings.job_timeout
+    # The GPU worker's prefetch covers every batch that may generate at once plus one being buffered.
+    assert settings.prefetch_count >= settings.batch_size * (settings.batch_concurrency + 1)
+    assert math.ceil(settings.prefetch_count / settings.batch_concurrency) * settings.batch_concurrency \
+        >= settings.prefetch_count
+
+
+def test_environment_is_read_by_from_env(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://a@b/c")
+    monkeypatch.setenv("SWITCHYARD_BATCH_SIZE", "7")
+    settings = Settings.from_env()
+    assert settings.database_url == "postgresql://a@b/c" and settings.batch_size == 7
+
+
+def test_importing_the_packages_loads_no_model_and_opens_no_connection():
+    code = (
+        "import socket, sys\n"
+        "opened = []\n"
+        "real = socket.socket.connect\n"
+        "socket.socket.connect = lambda self, addr: opened.append(addr) or real(self, addr)\n"
+        "import api, api.jobs, api.health, tasks, tasks.router, tasks.generation, tasks.store, workers, "
+        "workers.batch, workers.engine\n"
+        "from api import create_app\n"
+        "heavy = [m for m in ('vllm', 'torch', 'transformers', 'sentence_transformers') if m in sys.modules]\n"
+        "print(heavy, opened)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []"
