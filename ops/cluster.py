@@ -114,7 +114,7 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
 def wait_ready(timeout: float = 300) -> None:
     """Poll /readyz, printing progress, until the API, both stores and a worker are up."""
     started = time.monotonic()
-    last = ""
+    last, last_said = "", 0.0
     while time.monotonic() - started < timeout:
         for name in ("api", "router", "worker"):
             if _exited(name):
@@ -127,9 +127,10 @@ def wait_ready(timeout: float = 300) -> None:
         except urllib.error.HTTPError as exc:
             checks = json.loads(exc.read()).get("checks", {})
             state = ", ".join(f"{k}: {v}" for k, v in checks.items())
-            if state != last:
-                say(f"waiting ({time.monotonic() - started:.0f} s): {state} - the worker loads the model")
-                last = state
+            elapsed = time.monotonic() - started
+            if state != last or elapsed - last_said >= 10:  # a line per change, and at least every 10 s
+                say(f"waiting ({elapsed:.0f} s): {state} - the worker loads the model (30-60 s)")
+                last, last_said = state, elapsed
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1)
@@ -153,7 +154,8 @@ def run_samples(key: str) -> None:
         print(f"\n  Q: {question}")
         if done["status"] == "succeeded":
             usage = done["result"]["usage"]
-            print(f"  A: {done['result']['text'].strip()}")
+            answer = done["result"]["text"].strip().replace("\n", "\n     ")
+            print(f"  A: {answer}")
             print(f"     ({done['status']}, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} output tokens, "
                   f"node {done['node_id']})")
         else:
@@ -190,18 +192,13 @@ def up(args) -> None:
 
 
 def _stop_pid(name: str, pid: int) -> None:
+    from ops.services import wait_exit
+
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    if not wait_exit(pid, 20):
         os.killpg(pid, signal.SIGKILL)
     say(f"{name}: stopped")
 
