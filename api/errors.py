@@ -61,7 +61,8 @@ def register_error_handlers(app: Flask) -> None:
         detail = exc.description or exc.name
         if exc.code == 413:
             detail = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes; send a smaller body"
-        return problem(exc.code or 500, exc.name, detail)
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return problem(exc.code or 500, exc.name, detail, headers)
 
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)

@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import datetime
 
+import redis
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
 from api.auth import authenticate
@@ -36,6 +37,8 @@ def _parse_body() -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "Malformed JSON", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "Malformed JSON", "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "Malformed JSON", "the request body must be a JSON object")
     return body
@@ -54,7 +57,10 @@ def _fit_to_context(job: JobRequest, request_dict: dict) -> int:
     """Count the prompt with the model's tokenizer; return the max_tokens to use."""
     settings = _services().settings
     context = settings.max_model_len
-    n_prompt = len(prompt_token_ids(_services().tokenizer, request_dict))
+    try:
+        n_prompt = len(prompt_token_ids(_services().tokenizer, request_dict))
+    except Exception as exc:  # noqa: BLE001 - whatever the tokenizer or chat template refuses is the input's fault
+        raise ApiError(422, "Invalid prompt", f"the prompt cannot be tokenized for this model: {exc}") from None
     if n_prompt >= context:
         raise ApiError(422, "Prompt too long", f"the prompt is {n_prompt} tokens; the model's context is {context} "
                        "tokens (prompt and output together); shorten the prompt",
@@ -91,7 +97,8 @@ def submit():
     sampling = job.sampling()
     sampling["max_tokens"] = _fit_to_context(job, request_dict)
     _check_seed(job, model)
-    strategy = (job.routing and job.routing.strategy) or g.tenant.default_strategy or settings.default_strategy
+    tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in ROUTING_STRATEGIES else None
+    strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     row = store.insert_job(services.pool, tenant_id=g.tenant.id, model=model, strategy=strategy,
                            request={**request_dict, **sampling}, metadata=job.metadata)
     try:
@@ -178,6 +185,10 @@ def cancel(job_id: uuid.UUID):
     if row is None:
         current = _load(job_id)
         raise ApiError(409, "Conflict", f"job {job_id} is already {current['status']} and cannot be cancelled")
-    notify.cancel_requested(services.redis, job_id)  # a running job is aborted in its engine
-    notify.job_finished(services.redis, job_id)
+    try:
+        notify.cancel_requested(services.redis, job_id)  # a running job is aborted in its engine
+        notify.job_finished(services.redis, job_id)
+    except redis.RedisError:
+        # The cancel is committed; a worker that missed the notice still cannot record a result.
+        current_app.logger.warning("job %s cancelled, but the notification failed", job_id)
     return jsonify(job_resource(row))

@@ -69,6 +69,7 @@ class JobWaiter:
                 pubsub.subscribe(FINISHED_CHANNEL)
                 pubsub.get_message(timeout=2)  # the subscribe confirmation
                 self._subscribed.set()
+                self._wake(None)  # a job may have finished while we were not subscribed
                 backoff = 0.1
                 for message in pubsub.listen():
                     if message and message["type"] == "message":

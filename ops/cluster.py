@@ -199,7 +199,10 @@ def _stop_pid(name: str, pid: int) -> None:
     except ProcessLookupError:
         return
     if not wait_exit(pid, 20):
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     say(f"{name}: stopped")
 
 

@@ -18,6 +18,7 @@ def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name:
         max_size=max_size,
         kwargs={"row_factory": dict_row, "autocommit": True},
         name=name,
+        check=ConnectionPool.check_connection,
         open=True,
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import psycopg
+import redis
 from celery import shared_task
 
 from tasks import notify, registry, store
@@ -13,7 +15,10 @@ from tasks.routing import STRATEGIES
 _NO_NODE_RETRY_SECONDS = 1.0
 
 
-@shared_task(name=ROUTE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+# Transient Redis/Postgres errors are retried with back-off instead of failing (and acking) the message.
+@shared_task(name=ROUTE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None,
+             autoretry_for=(psycopg.OperationalError, redis.RedisError), retry_backoff=True, retry_backoff_max=30,
+             retry_jitter=True)
 def route(self, job_id: str, attempt: int, model: str, strategy: str, enqueued_at: float) -> str | None:
     app = self.app
     nodes = registry.live_nodes(app.redis, model)

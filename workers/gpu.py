@@ -65,7 +65,7 @@ def main() -> None:
     from workers.engine import VllmEngine
 
     engine = VllmEngine(str(settings.resolved_model_path), max_model_len=settings.max_model_len,
-                        enforce_eager=settings.enforce_eager, max_num_seqs=settings.prefetch_count)
+                        enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
     engine.start()
     app = create_celery(settings)
     runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,

@@ -94,3 +94,23 @@ def test_default_max_tokens_fits_the_context(client, api_redis, tenant, api_sett
     response = client.post("/v1/jobs", json={"prompt": "word " * 1900}, headers=auth(key))
     assert response.status_code == 202
     assert response.get_json()["request"]["max_tokens"] < api_settings.default_max_tokens
+
+
+UNSTORABLE = [
+    ("deeply-nested-json", b"[" * 100_000, 400, "nested too deeply"),
+    ("nul-in-prompt", {"prompt": "a\u0000b"}, 422, "NUL"),
+    ("nul-in-metadata", {"prompt": "hi", "metadata": {"k": "a\u0000"}}, 422, "NUL"),
+    ("lone-surrogate", b'{"prompt": "\\ud800"}', 422, "surrogates"),
+    ("nan-in-metadata", b'{"prompt": "hi", "metadata": {"x": NaN}}', 422, "finite"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", [c[1:] for c in UNSTORABLE], ids=[c[0] for c in UNSTORABLE])
+def test_input_postgres_or_the_tokenizer_cannot_take_is_a_4xx(client, api_redis, db, tenant, body, status, words):
+    test_bad_request_is_refused_with_nothing_written(client, api_redis, db, tenant, body, status, words)
+
+
+def test_method_not_allowed_keeps_the_allow_header(client):
+    response = client.delete("/v1/jobs")
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert response.mimetype == "application/problem+json"
