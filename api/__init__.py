@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from flask import Flask
@@ -15,7 +15,6 @@ class Services:
     """Per-process handles, opened on first use (gunicorn forks after the app module is imported)."""
 
     settings: Settings
-    _cache: dict = field(default_factory=dict)
 
     @cached_property
     def pool(self):

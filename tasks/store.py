@@ -12,7 +12,6 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -192,16 +191,6 @@ def requeue_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, max_
 
 
 
-def job_counts(pool: ConnectionPool) -> dict[str, int]:
-    with pool.connection() as conn:
-        rows = conn.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetchall()
-    return {r["status"]: r["n"] for r in rows}
-
-
 def ping(pool: ConnectionPool) -> None:
     with pool.connection(timeout=2) as conn:
         conn.execute("SELECT 1")
-
-
-def as_json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in row.items()}

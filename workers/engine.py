@@ -112,12 +112,6 @@ class VllmEngine:
     def generation(self) -> int:
         return self._generation
 
-    def engine_pids(self) -> list[int]:
-        """Process ids of the engine core and its workers (children of this process)."""
-        import psutil
-
-        return [p.pid for p in psutil.Process().children(recursive=True)]
-
     # -- requests ----------------------------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
