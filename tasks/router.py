@@ -9,7 +9,7 @@ import redis
 from celery import shared_task
 
 from tasks import notify, registry, store
-from tasks.celery_app import GENERATE_TASK, ROUTE_TASK
+from tasks.celery_app import GENERATE_TASK, ROUTE_TASK, route_queue
 from tasks.routing import STRATEGIES
 
 _NO_NODE_RETRY_SECONDS = 1.0
@@ -39,6 +39,4 @@ def route(self, job_id: str, attempt: int, model: str, strategy: str, enqueued_a
 
 def publish(app, job_id: str, attempt: int, model: str, strategy: str) -> None:
     """Put a job on its strategy's queue (used by the API and on retry)."""
-    from tasks.celery_app import route_queue
-
     app.send_task(ROUTE_TASK, args=[str(job_id), attempt, model, strategy, time.time()], queue=route_queue(strategy))
