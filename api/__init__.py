@@ -20,7 +20,7 @@ class Services:
     def pool(self):
         from tasks.db import make_pool
 
-        return make_pool(self.settings.database_url, max_size=20, name="api")
+        return make_pool(self.settings.database_url, max_size=20, name="api", timeout=5)
 
     @cached_property
     def redis(self):
@@ -48,9 +48,11 @@ class Services:
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from api.dead_letters import bp as dead_letters_bp
     from api.errors import register_error_handlers
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
+    from api.nodes import bp as nodes_bp
 
     settings = settings or Settings.from_env().require_urls()
     app = Flask("switchyard")
@@ -60,4 +62,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(health_bp)
     app.register_blueprint(jobs_bp)
+    app.register_blueprint(nodes_bp)
+    app.register_blueprint(dead_letters_bp)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 
-def _ts(value: datetime | None) -> str | None:
+def timestamp(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
@@ -15,13 +15,14 @@ def job_resource(row: dict) -> dict:
         "object": "job",
         "status": row["status"],
         "model": row["model"],
-        "routing": {"strategy": row["routing_strategy"]},
+        "routing": {"strategy": row["routing_strategy"], "session_id": row["session_id"]},
         "attempt": row["attempt"],
+        "max_attempts": row["max_attempts"],
         "node_id": row["node_id"],
-        "created_at": _ts(row["created_at"]),
-        "routed_at": _ts(row["routed_at"]),
-        "started_at": _ts(row["started_at"]),
-        "finished_at": _ts(row["finished_at"]),
+        "created_at": timestamp(row["created_at"]),
+        "routed_at": timestamp(row["routed_at"]),
+        "started_at": timestamp(row["started_at"]),
+        "finished_at": timestamp(row["finished_at"]),
         "request": row["request"],
         "metadata": row["metadata"],
         "result": row["result"],

@@ -10,13 +10,18 @@ from psycopg_pool import ConnectionPool
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name: str = "switchyard") -> ConnectionPool:
-    """A connection pool whose rows come back as dicts. Open it after fork (gunicorn, Celery)."""
+def make_pool(database_url: str, *, min_size: int = 1, max_size: int = 10, name: str = "switchyard",
+              timeout: float = 30.0) -> ConnectionPool:
+    """A connection pool whose rows come back as dicts. Open it after fork (gunicorn, Celery).
+
+    `timeout` bounds the wait for a connection: while Postgres is down, callers get PoolTimeout after
+    that long (the API answers 503) instead of hanging."""
     return ConnectionPool(
         database_url,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"row_factory": dict_row, "autocommit": True},
+        timeout=timeout,
+        kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": 5},
         name=name,
         check=ConnectionPool.check_connection,
         open=True,

@@ -1,7 +1,14 @@
 """The node registry: GPU workers announce themselves in Redis with a heartbeat that expires.
 
 A node is live while its key exists; the key's TTL (settings.heartbeat_ttl) is what takes a silent
-node out of rotation, not Redis's visibility timeout.
+node out of rotation, not Redis's visibility timeout. Besides liveness, a node can be out of rotation
+because an operator drains it (`drain`), because it reports its engine is not ready (active health),
+or because recent jobs failed on it (passive health: a cooldown with exponential back-off).
+
+Each node also has an *assigned set*: the `job:attempt` members routed to it and not yet finished.
+Routers add to it atomically with their choice (see tasks.routing), workers remove from it when a job
+ends, and its size is the node's outstanding-job count. A set, unlike a counter, cannot drift when a
+message is delivered twice: adding or removing a member twice changes nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +18,25 @@ import time
 
 NODES_SET = "switchyard:nodes"
 _NODE_KEY = "switchyard:node:{}"
+_DRAIN_KEY = "switchyard:drain:{}"
+_COOLDOWN_KEY = "switchyard:cooldown:{}"
+_FAILURES_KEY = "switchyard:failures:{}"
+_ASSIGNED_KEY = "switchyard:assigned:{}"
 
 
 def node_queue(node_id: str) -> str:
     return f"node.{node_id}"
+
+
+def assigned_key(node_id: str) -> str:
+    return _ASSIGNED_KEY.format(node_id)
+
+
+def member(job_id, attempt: int) -> str:
+    return f"{job_id}:{attempt}"
+
+
+# --- heartbeats -----------------------------------------------------------------------------------
 
 
 def heartbeat(redis, node: dict, ttl: float) -> None:
@@ -34,13 +56,84 @@ def deregister(redis, node_id: str) -> None:
 
 
 def live_nodes(redis, model: str | None = None) -> list[dict]:
-    """Live nodes sorted by id, optionally only those serving `model`; forgets expired ones."""
+    """Live nodes sorted by id (optionally only those serving `model`), each with `draining`,
+    `cooldown_s` and `outstanding` filled in from Redis. Expired nodes are forgotten."""
     ids = sorted(m.decode() if isinstance(m, bytes) else m for m in redis.smembers(NODES_SET))
     if not ids:
         return []
-    records = redis.mget([_NODE_KEY.format(i) for i in ids])
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.mget([_NODE_KEY.format(i) for i in ids])
+        pipe.mget([_DRAIN_KEY.format(i) for i in ids])
+        for i in ids:
+            pipe.pttl(_COOLDOWN_KEY.format(i))
+        for i in ids:
+            pipe.scard(assigned_key(i))
+        records, drains, *rest = pipe.execute()
+    cooldowns, outstanding = rest[: len(ids)], rest[len(ids):]
     expired = [i for i, r in zip(ids, records) if r is None]
     if expired:
         redis.srem(NODES_SET, *expired)
-    nodes = [json.loads(r) for r in records if r is not None]
-    return [n for n in nodes if model is None or model in n.get("models", ())]
+    nodes = []
+    for record, drain, cooldown_ms, n in zip(records, drains, cooldowns, outstanding):
+        if record is None:
+            continue
+        node = json.loads(record)
+        if model is not None and model not in node.get("models", ()):
+            continue
+        node["draining"] = bool(drain) or node.get("draining", False)
+        node["cooldown_s"] = round(cooldown_ms / 1000, 1) if cooldown_ms > 0 else 0
+        node["outstanding"] = n
+        nodes.append(node)
+    return nodes
+
+
+def routable(node: dict) -> bool:
+    """In rotation: engine ready (active probe), not drained, not cooling down after failures."""
+    return node.get("engine_state") == "ready" and not node["draining"] and not node["cooldown_s"]
+
+
+def known_models(redis) -> set[str]:
+    return {m for n in live_nodes(redis) for m in n.get("models", ())}
+
+
+# --- operator drain -------------------------------------------------------------------------------
+
+
+def set_drain(redis, node_id: str, draining: bool) -> None:
+    if draining:
+        redis.set(_DRAIN_KEY.format(node_id), "1")
+    else:
+        redis.delete(_DRAIN_KEY.format(node_id))
+
+
+# --- passive health -------------------------------------------------------------------------------
+
+
+def record_failure(redis, node_id: str, *, base: float, cap: float) -> float:
+    """One more consecutive failure: the node cools down for base × 2^(n-1) s (at most `cap`)."""
+    failures = redis.incr(_FAILURES_KEY.format(node_id))
+    seconds = min(cap, base * 2 ** (failures - 1))
+    redis.set(_COOLDOWN_KEY.format(node_id), failures, px=int(seconds * 1000))
+    return seconds
+
+
+def record_success(redis, node_id: str) -> None:
+    """A success ends the back-off: the node is back in rotation with a clean slate."""
+    with redis.pipeline() as pipe:
+        pipe.delete(_FAILURES_KEY.format(node_id))
+        pipe.delete(_COOLDOWN_KEY.format(node_id))
+        pipe.execute()
+
+
+# --- assigned sets --------------------------------------------------------------------------------
+
+
+def release(redis, node_id: str, members: list[str]) -> None:
+    """Jobs that ended (or were skipped) on a node no longer count against it."""
+    if members:
+        redis.srem(assigned_key(node_id), *members)
+
+
+def forget_node(redis, node_id: str) -> None:
+    """A dead node's assignments and its queue's leftover messages: its jobs were all re-routed."""
+    redis.delete(assigned_key(node_id), node_queue(node_id))

@@ -41,6 +41,8 @@ class Routing(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: str | None = None
+    # Follow-up turns of one conversation share a session id; prefix_affinity keeps them on one node.
+    session_id: Text | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("strategy")
     @classmethod
@@ -64,6 +66,7 @@ class JobRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[NonEmptyText] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_attempts: int | None = Field(None, ge=1, le=20)  # default: settings.max_attempts
     routing: Routing | None = None
     metadata: dict[Text, Text | int | float | bool | None] = Field(default_factory=dict, max_length=32)
 

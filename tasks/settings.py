@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ROUTING_STRATEGIES = ("round_robin",)
+ROUTING_STRATEGIES = ("round_robin", "least_connections", "weighted_response_time", "prefix_affinity")
 
 
 def _default_node_id() -> str:
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
 
     # GPU worker.
     node_id: str = Field(default_factory=_default_node_id)
+    # `simulated` replaces vLLM with workers.simulated.SimulatedEngine: for orchestration tests and
+    # benchmarks only (routing, failover, queue overhead); it generates no real text.
+    engine: Literal["vllm", "simulated"] = "vllm"
+    sim_token_seconds: float = Field(0.002, gt=0)  # simulated engine: seconds per output token
+    sim_crash_marker: str | None = None  # simulated engine: a prompt containing this kills the worker
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
     # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
@@ -58,8 +64,23 @@ class Settings(BaseSettings):
     # still running; worker death is detected by heartbeats, not by this timeout.
     visibility_timeout: int = Field(3600, ge=60)
     job_timeout: int = Field(1800, ge=10)  # the longest a single generation may run
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1, le=20)  # default per job; a job may ask for its own
+    retry_backoff_base: float = Field(1.0, gt=0)  # retry n waits a random 0..base×2^(n-1) s (full jitter)
+    retry_backoff_max: float = Field(60.0, gt=0)
     no_node_deadline: float = Field(300.0, gt=0)  # a job waits this long for a live node, then fails
+    # A transient Postgres or Redis outage is ridden out for this long by workers before they give up.
+    outage_tolerance: float = Field(120.0, gt=0)
+
+    # Passive health: a node whose jobs fail on infrastructure errors cools down base×2^(n-1) s.
+    cooldown_base: float = Field(2.0, gt=0)
+    cooldown_max: float = Field(60.0, gt=0)
+
+    # Reconciler (runs in every router process; one sweep at a time cluster-wide).
+    reconcile_interval: float = Field(1.0, gt=0)
+    redispatch_after: float = Field(30.0, gt=0)  # a job still queued this long after it was due is re-published
+
+    # Idempotency-Key lifetime.
+    idempotency_ttl: int = Field(86_400, ge=60)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

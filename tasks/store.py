@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -62,18 +63,69 @@ def tenant_for_key(pool: ConnectionPool, key: str) -> Tenant | None:
 
 # --- jobs: API side -----------------------------------------------------------------------------
 
+#: the columns a router needs to (re)publish a job
+DISPATCH_COLUMNS = "id, attempt, model, routing_strategy, affinity_key"
 
-def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict) -> dict:
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+    def __init__(self, job_id):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
+               max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
+               idempotency: tuple[str, bytes, int] | None = None) -> tuple[dict, bool]:
+    """Insert a queued job; returns (row, created).
+
+    With `idempotency` = (key, request digest, ttl seconds), a live key returns the job it created
+    (created=False) instead of inserting, and a key reused with another digest raises
+    IdempotencyConflict. Concurrent requests with one key serialize on the key's primary key: the
+    loser waits for the winner's commit, then reads its job."""
+    job_id = uuid.uuid4()
     with pool.connection() as conn:
-        return conn.execute(
-            """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata)
-               VALUES (%s, %s, 'queued', %s, %s, %s, %s) RETURNING *""",
-            (uuid.uuid4(), tenant_id, model, strategy, Jsonb(request), Jsonb(metadata)),
+        with conn.transaction():
+            row = conn.execute(
+                """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata,
+                                     max_attempts, session_id, affinity_key)
+                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
+                (job_id, tenant_id, model, strategy, Jsonb(request), Jsonb(metadata), max_attempts,
+                 session_id, affinity_key),
+            ).fetchone()
+            if idempotency is None:
+                return row, True
+            key, digest, ttl = idempotency
+            claimed = conn.execute(
+                """INSERT INTO idempotency_keys (tenant_id, key, request_hash, job_id, expires_at)
+                   VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))
+                   ON CONFLICT (tenant_id, key) DO UPDATE
+                      SET request_hash = EXCLUDED.request_hash, job_id = EXCLUDED.job_id,
+                          expires_at = EXCLUDED.expires_at
+                    WHERE idempotency_keys.expires_at <= now()
+                RETURNING job_id""",
+                (tenant_id, key, digest, job_id, ttl),
+            ).fetchone()
+            if claimed is not None:
+                return row, True
+            # The key is taken and live: undo this insert and answer with the original job.
+            conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+        existing = conn.execute(
+            """SELECT k.request_hash, j.* FROM idempotency_keys k JOIN jobs j ON j.id = k.job_id
+                WHERE k.tenant_id = %s AND k.key = %s""",
+            (tenant_id, key),
         ).fetchone()
+    if existing is None:  # the original expired and was replaced between our statements: rare, retryable
+        raise psycopg.errors.SerializationFailure("idempotency key changed hands; retry")
+    if bytes(existing.pop("request_hash")) != digest:
+        raise IdempotencyConflict(existing["id"])
+    return existing, False
 
 
 def delete_unpublished_job(pool: ConnectionPool, job_id) -> None:
-    """Undo an insert whose publish failed, so a refused submission leaves nothing behind."""
+    """Undo an insert whose publish failed, so a refused submission leaves nothing behind
+    (its idempotency key goes with it, by cascade)."""
     with pool.connection() as conn:
         conn.execute("DELETE FROM jobs WHERE id = %s AND status = 'queued' AND attempt = 1", (job_id,))
 
@@ -142,17 +194,27 @@ def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str)
         ).fetchall()
 
 
-def finish_job(pool: ConnectionPool, job_id, attempt: int, status: JobStatus, *, result=None, error=None) -> bool:
-    """running → succeeded | failed. False when the job moved on (cancelled, or a newer attempt)."""
+def finish_job(pool: ConnectionPool, job_id, attempt: int, status: JobStatus, *, node_id: str,
+               result=None, error=None) -> bool:
+    """running → succeeded | failed, logged in job_attempts. False when the job moved on (cancelled, or
+    a newer attempt): the outcome is then logged as `discarded` and changes nothing else."""
     assert status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
     with pool.connection() as conn:
-        cur = conn.execute(
-            """UPDATE jobs SET status = %s, result = %s, error = %s, finished_at = now()
-                WHERE id = %s AND attempt = %s AND status = 'running'""",
-            (status.value, Jsonb(result) if result is not None else None,
-             Jsonb(error) if error is not None else None, job_id, attempt),
-        )
-        return cur.rowcount == 1
+        row = conn.execute(
+            """WITH done AS (
+                   UPDATE jobs SET status = %(status)s, result = %(result)s, error = %(error)s, finished_at = now()
+                    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+                RETURNING id)
+               INSERT INTO job_attempts (job_id, attempt, node_id, outcome, error)
+               SELECT %(id)s, %(attempt)s, %(node)s,
+                      CASE WHEN EXISTS (SELECT 1 FROM done) THEN %(status)s ELSE 'discarded' END, %(error)s
+               WHERE EXISTS (SELECT 1 FROM jobs WHERE id = %(id)s)
+            RETURNING outcome""",
+            {"status": status.value, "result": Jsonb(result) if result is not None else None,
+             "error": Jsonb(error) if error is not None else None, "id": job_id, "attempt": attempt,
+             "node": node_id},
+        ).fetchone()
+    return row is not None and row["outcome"] == status.value
 
 
 def fail_queued_job(pool: ConnectionPool, job_id, attempt: int, error: dict) -> bool:
@@ -166,29 +228,133 @@ def fail_queued_job(pool: ConnectionPool, job_id, attempt: int, error: dict) -> 
         return cur.rowcount == 1
 
 
-def requeue_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, max_attempts: int) -> dict | None:
-    """routed|running → queued with the next attempt number, after a retryable failure (engine died).
+def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay: float = 0.0) -> dict | None:
+    """routed|running → queued as the next attempt (due after `delay` s) after a retryable failure;
+    or → dead, with a dead letter, when the job has used its attempts.
 
-    Returns the row (id, attempt, routing_strategy) to publish again, or None when the job moved on
-    or has used `max_attempts` (then it is failed with `error`)."""
+    The attempt count lives here, not in the broker. Returns the job's dispatch columns plus `status`
+    (`queued`: publish it again; `dead`: tell its waiters), or None when the job had moved on."""
     with pool.connection() as conn, conn.transaction():
-        row = conn.execute(
-            """UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL,
-                      routed_at = NULL, started_at = NULL, error = %s
-                WHERE id = %s AND attempt = %s AND status IN ('routed', 'running')
-                  AND attempt < %s
-            RETURNING id, attempt, routing_strategy""",
-            (Jsonb(error), job_id, attempt, max_attempts),
+        job = conn.execute(
+            "SELECT tenant_id, attempt, max_attempts, status, node_id FROM jobs WHERE id = %s FOR UPDATE",
+            (job_id,),
         ).fetchone()
-        if row is None:
+        if job is None or job["attempt"] != attempt or job["status"] not in ("routed", "running"):
+            return None
+        if attempt < job["max_attempts"]:
+            outcome = "retried"
+            row = conn.execute(
+                f"""UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL, routed_at = NULL,
+                           started_at = NULL, error = %s, queued_at = now() + make_interval(secs => %s)
+                     WHERE id = %s RETURNING status, {DISPATCH_COLUMNS}""",
+                (Jsonb(error), delay, job_id),
+            ).fetchone()
+        else:
+            outcome = "dead"
+            final = {**error, "message": f"{error['message']} (gave up after {attempt} attempts)"}
+            row = conn.execute(
+                f"""UPDATE jobs SET status = 'dead', error = %s, finished_at = now()
+                     WHERE id = %s RETURNING status, {DISPATCH_COLUMNS}""",
+                (Jsonb(final), job_id),
+            ).fetchone()
             conn.execute(
-                """UPDATE jobs SET status = 'failed', error = %s, finished_at = now()
-                    WHERE id = %s AND attempt = %s AND status IN ('routed', 'running')""",
-                (Jsonb({**error, "message": f"{error['message']} (gave up after {attempt} attempts)"}),
-                 job_id, attempt),
+                """INSERT INTO dead_letters (id, job_id, tenant_id, reason, attempts, last_error)
+                   VALUES (%s, %s, %s, %s, %s, %s)""",
+                (uuid.uuid4(), job_id, job["tenant_id"], error.get("type", "error"), attempt, Jsonb(error)),
             )
+        conn.execute(
+            "INSERT INTO job_attempts (job_id, attempt, node_id, outcome, error) VALUES (%s, %s, %s, %s, %s)",
+            (job_id, attempt, job["node_id"], outcome, Jsonb(error)),
+        )
         return row
 
+
+# --- recovery: what the reconciler looks for -----------------------------------------------------
+
+
+def jobs_on_nodes_not_in(pool: ConnectionPool, live_node_ids: list[str]) -> list[dict]:
+    """Routed or running jobs whose node is not live (its heartbeat expired, or it left)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            """SELECT id, attempt, node_id, status FROM jobs
+                WHERE status IN ('routed', 'running') AND node_id <> ALL(%s::text[])""",
+            (live_node_ids,),
+        ).fetchall()
+
+
+def overdue_jobs(pool: ConnectionPool, *, routed_for: float, running_for: float) -> list[dict]:
+    """Jobs on live nodes that sat routed (the node-queue message was lost) or running (the node is
+    wedged) far longer than any healthy job could."""
+    with pool.connection() as conn:
+        return conn.execute(
+            """SELECT id, attempt, node_id, status FROM jobs
+                WHERE (status = 'routed' AND routed_at < now() - make_interval(secs => %s))
+                   OR (status = 'running' AND started_at < now() - make_interval(secs => %s))""",
+            (routed_for, running_for),
+        ).fetchall()
+
+
+def claim_stalled_queued(pool: ConnectionPool, *, older_than: float, limit: int = 1000) -> list[dict]:
+    """Queued jobs due for longer than `older_than` s: their route message was lost or never sent (a
+    crash between commit and publish). Their `queued_at` is bumped, so each is re-published at most
+    once per period; a duplicate message is harmless (routing is conditional on status and attempt)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            f"""UPDATE jobs SET queued_at = now()
+                 WHERE id IN (SELECT id FROM jobs
+                               WHERE status = 'queued' AND queued_at < now() - make_interval(secs => %s)
+                               ORDER BY queued_at LIMIT %s FOR UPDATE SKIP LOCKED)
+             RETURNING {DISPATCH_COLUMNS}""",
+            (older_than, limit),
+        ).fetchall()
+
+
+def active_attempts(pool: ConnectionPool, job_ids: list[str]) -> dict[str, tuple[int, str | None]]:
+    """{job id: (attempt, node id)} for those of `job_ids` that are still queued, routed or running."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, attempt, node_id FROM jobs WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)",
+            (job_ids, _ACTIVE),
+        ).fetchall()
+    return {str(r["id"]): (r["attempt"], r["node_id"]) for r in rows}
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+
+
+def list_dead_letters(pool: ConnectionPool, tenant_id=None, *, limit: int = 100,
+                      include_replayed: bool = False) -> list[dict]:
+    """Newest first; `tenant_id=None` lists every tenant's (admin)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            """SELECT d.*, j.model, j.status AS job_status FROM dead_letters d JOIN jobs j ON j.id = d.job_id
+                WHERE (%(tenant)s::uuid IS NULL OR d.tenant_id = %(tenant)s::uuid)
+                  AND (%(all)s OR d.replayed_at IS NULL)
+                ORDER BY d.created_at DESC LIMIT %(limit)s""",
+            {"tenant": tenant_id, "all": include_replayed, "limit": limit},
+        ).fetchall()
+
+
+def replay_dead_letter(pool: ConnectionPool, dead_letter_id, tenant_id=None) -> dict | None:
+    """dead → queued as a new attempt with a fresh budget of attempts; None when there is no open dead
+    letter with that id (for that tenant). Returns the job's dispatch columns."""
+    with pool.connection() as conn, conn.transaction():
+        letter = conn.execute(
+            """UPDATE dead_letters SET replayed_at = now()
+                WHERE id = %s AND replayed_at IS NULL AND (%s::uuid IS NULL OR tenant_id = %s::uuid)
+            RETURNING job_id""",
+            (dead_letter_id, tenant_id, tenant_id),
+        ).fetchone()
+        if letter is None:
+            return None
+        return conn.execute(
+            f"""UPDATE jobs SET status = 'queued',
+                       max_attempts = attempt + COALESCE((request->>'max_attempts')::int, max_attempts),
+                       attempt = attempt + 1, node_id = NULL, routed_at = NULL, started_at = NULL,
+                       finished_at = NULL, queued_at = now()
+                 WHERE id = %s AND status = 'dead' RETURNING {DISPATCH_COLUMNS}""",
+            (letter["job_id"],),
+        ).fetchone()
 
 
 def ping(pool: ConnectionPool) -> None:

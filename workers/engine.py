@@ -20,19 +20,27 @@ log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    """Raised when a generation fails."""
+    """Raised when a generation fails; `kind` becomes the job error's `type` (see tasks.retry.RETRYABLE)."""
 
-    retryable = False
+    kind = "engine_error"
 
 
 class EngineDead(EngineError):
     """Raised when the engine core died under a request; the request is worth retrying."""
 
-    retryable = True
+    kind = "engine_dead"
+
+
+class EngineOverloaded(EngineError):
+    """Raised when the engine ran out of memory or KV cache for a request; worth retrying later."""
+
+    kind = "engine_overloaded"
 
 
 class RequestRejected(EngineError):
     """Raised when the engine refuses one request (bad parameters); retrying cannot help."""
+
+    kind = "invalid_request"
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,13 @@ class VllmEngine:
     def generation(self) -> int:
         return self._generation
 
+    def probe(self) -> str:
+        """Active health: the engine's state, `dead` when its core has failed since the last check."""
+        engine = self._engine
+        if self.state == "ready" and (engine is None or engine.errored):
+            return "dead"
+        return self.state
+
     # -- requests ----------------------------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
@@ -143,6 +158,8 @@ class VllmEngine:
         except Exception as exc:  # noqa: BLE001 - classify by the engine's state, not the message
             if engine.errored:
                 raise EngineDead(f"the engine core died: {exc!r}") from None
+            if any(s in str(exc).lower() for s in ("out of memory", "kv cache", "too many requests")):
+                raise EngineOverloaded(f"the engine is out of capacity: {exc!r}") from None
             raise RequestRejected(f"the engine refused the request: {exc!r}") from None
         if final is None or not final.outputs:
             raise RequestRejected("the engine returned no output")

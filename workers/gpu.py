@@ -19,18 +19,22 @@ from tasks.settings import Settings
 log = logging.getLogger("workers.gpu")
 
 
-def _heartbeat_loop(app, runner, engine, stop: threading.Event) -> None:
+def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: threading.Event) -> None:
     settings = app.settings
     while True:
         try:
             registry.heartbeat(app.redis, {
                 "id": settings.node_id,
                 "models": [settings.model_name],
+                "engine": settings.engine,
                 "batch_capacity": settings.batch_size * settings.batch_concurrency,
                 "inflight": runner.inflight,
-                "engine_state": engine.state,
+                "ewma_job_seconds": runner.ewma_job_seconds,
+                "ewma_token_seconds": runner.ewma_token_seconds,
+                "engine_state": engine.probe(),
                 "engine_restarts": engine.restarts,
                 "supports_seed": engine.supports_seed,
+                "draining": draining.is_set(),
                 "pid": os.getpid(),
             }, settings.heartbeat_ttl)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the heartbeats for good
@@ -53,6 +57,18 @@ def _cancel_listener(app, runner) -> None:
             threading.Event().wait(1)
 
 
+def _make_engine(settings, tokenizer):
+    if settings.engine == "simulated":
+        from workers.simulated import SimulatedEngine
+
+        return SimulatedEngine(token_seconds=settings.sim_token_seconds, max_num_seqs=settings.max_num_seqs,
+                               tokenizer=tokenizer, crash_marker=settings.sim_crash_marker)
+    from workers.engine import VllmEngine
+
+    return VllmEngine(str(settings.resolved_model_path), max_model_len=settings.max_model_len,
+                      enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
@@ -60,19 +76,25 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from celery.signals import worker_shutting_down
+
     from tasks.prompting import load_tokenizer
     from workers.batch import BatchRunner
-    from workers.engine import VllmEngine
 
-    engine = VllmEngine(str(settings.resolved_model_path), max_model_len=settings.max_model_len,
-                        enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
+    tokenizer = load_tokenizer(settings.resolved_model_path)
+    engine = _make_engine(settings, tokenizer)
     engine.start()
     app = create_celery(settings)
     runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,
-                         tokenizer=load_tokenizer(settings.resolved_model_path))
+                         tokenizer=tokenizer)
     app.batch_runner = runner
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat_loop, args=(app, runner, engine, stop), daemon=True, name="heartbeat").start()
+    stop, draining = threading.Event(), threading.Event()
+    # On SIGTERM Celery stops consuming and lets running batches finish; advertising `draining` at once
+    # keeps routers from sending more work here meanwhile.
+    worker_shutting_down.connect(lambda **_: (draining.set(), log.info("draining: finishing the jobs in hand")),
+                                 weak=False)
+    threading.Thread(target=_heartbeat_loop, args=(app, runner, engine, stop, draining), daemon=True,
+                     name="heartbeat").start()
     threading.Thread(target=_cancel_listener, args=(app, runner), daemon=True, name="cancels").start()
     try:
         worker = app.Worker(
@@ -86,6 +108,8 @@ def main() -> None:
         )
         worker.start()
     finally:
+        # Leaving: whatever is still routed here (messages Celery handed back to this node's queue)
+        # is re-routed by the reconciler as soon as the heartbeat is gone.
         stop.set()
         registry.deregister(app.redis, settings.node_id)
         engine.shutdown()

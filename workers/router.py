@@ -1,10 +1,11 @@
-"""Router entry point: `python -m workers.router` consumes the `route.*` queues."""
+"""Router entry point: `python -m workers.router` consumes the `route.*` queues and runs the reconciler."""
 
 from __future__ import annotations
 
 import logging
 
 from tasks.celery_app import create_celery, route_queue
+from tasks.recovery import reconcile_forever
 from tasks.settings import ROUTING_STRATEGIES, Settings
 
 
@@ -12,13 +13,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
     app = create_celery(settings)
-    app.Worker(
-        hostname=f"router@{settings.node_id}",
-        queues=[route_queue(s) for s in ROUTING_STRATEGIES],
-        pool="threads",
-        concurrency=8,
-        loglevel="INFO",
-    ).start()
+    stop = reconcile_forever(app)
+    try:
+        app.Worker(
+            hostname=f"router@{settings.node_id}",
+            queues=[route_queue(s) for s in ROUTING_STRATEGIES],
+            pool="threads",
+            concurrency=8,
+            loglevel="INFO",
+        ).start()
+    finally:
+        stop.set()
 
 
 if __name__ == "__main__":

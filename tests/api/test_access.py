@@ -86,7 +86,7 @@ def test_long_poll_wakes_on_the_notification(client, api_redis, db, tenant, api_
         time.sleep(1.0)
         assert store.mark_routed(db, job["id"], 1, "n1")
         assert store.start_jobs(db, [(job["id"], 1)], "n1")
-        assert store.finish_job(db, job["id"], 1, JobStatus.SUCCEEDED, result={"text": "ok"})
+        assert store.finish_job(db, job["id"], 1, JobStatus.SUCCEEDED, node_id="n1", result={"text": "ok"})
         notify.job_finished(api_redis, job["id"])
 
     threading.Thread(target=finish_later).start()

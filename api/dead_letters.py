@@ -1,0 +1,61 @@
+"""/v1/dead-letters: jobs that used up their attempts, and replaying them.
+
+A tenant's key sees its own; an admin key sees every tenant's."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from api.auth import authenticate
+from api.errors import ApiError
+from api.resources import timestamp
+from tasks import store
+from tasks.router import publish
+
+bp = Blueprint("dead_letters", __name__, url_prefix="/v1/dead-letters")
+bp.before_request(authenticate)
+
+
+def _scope():
+    return None if g.tenant.is_admin else g.tenant.id
+
+
+def dead_letter_resource(row: dict) -> dict:
+    return {
+        "id": str(row["id"]),
+        "object": "dead_letter",
+        "job_id": str(row["job_id"]),
+        "tenant_id": str(row["tenant_id"]),
+        "reason": row["reason"],
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "created_at": timestamp(row["created_at"]),
+        "replayed_at": timestamp(row["replayed_at"]),
+    }
+
+
+@bp.get("")
+def list_():
+    try:
+        limit = int(request.args.get("limit", "100"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "Invalid limit", "`limit` must be an integer between 1 and 1000")
+    include_replayed = request.args.get("include_replayed", "false").lower() in ("1", "true", "yes")
+    rows = store.list_dead_letters(current_app.extensions["switchyard"].pool, _scope(), limit=limit,
+                                   include_replayed=include_replayed)
+    return jsonify(object="list", data=[dead_letter_resource(r) for r in rows])
+
+
+@bp.post("/<uuid:letter_id>/replay")
+def replay(letter_id: uuid.UUID):
+    """Send the job round again as a new attempt, with a fresh budget of attempts."""
+    services = current_app.extensions["switchyard"]
+    job = store.replay_dead_letter(services.pool, letter_id, _scope())
+    if job is None:
+        raise ApiError(404, "Not Found", f"no unreplayed dead letter {letter_id}")
+    publish(services.celery, job)  # if this is lost, the reconciler re-publishes the queued job
+    return jsonify(object="replay", dead_letter_id=str(letter_id), job_id=str(job["id"]), attempt=job["attempt"]), 202

@@ -1,0 +1,47 @@
+"""/v1/nodes: the worker fleet as the routers see it, and draining a node (admin keys only)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, jsonify
+
+from api.auth import authenticate
+from api.errors import ApiError
+from tasks import registry
+
+bp = Blueprint("nodes", __name__, url_prefix="/v1/nodes")
+bp.before_request(authenticate)
+
+
+def _node_resource(node: dict) -> dict:
+    return {"object": "node", **node, "routable": registry.routable(node)}
+
+
+@bp.get("")
+def list_():
+    redis = current_app.extensions["switchyard"].redis
+    return jsonify(object="list", data=[_node_resource(n) for n in registry.live_nodes(redis)])
+
+
+def _drain(node_id: str, draining: bool):
+    if not g.tenant.is_admin:
+        raise ApiError(403, "Forbidden", "draining nodes needs an admin API key (`python -m ops.admin create-tenant "
+                       "NAME --admin`)")
+    redis = current_app.extensions["switchyard"].redis
+    node = next((n for n in registry.live_nodes(redis) if n["id"] == node_id), None)
+    if node is None:
+        raise ApiError(404, "Not Found", f"no live node {node_id!r}; GET /v1/nodes lists them")
+    registry.set_drain(redis, node_id, draining)
+    node["draining"] = draining or node.get("draining", False)
+    return jsonify(_node_resource(node))
+
+
+@bp.post("/<node_id>/drain")
+def drain(node_id: str):
+    """No new work goes to the node; what it holds finishes there."""
+    return _drain(node_id, True)
+
+
+@bp.delete("/<node_id>/drain")
+def undrain(node_id: str):
+    """Put a drained node back in rotation."""
+    return _drain(node_id, False)

@@ -1,0 +1,98 @@
+"""SimulatedEngine: a stand-in for vLLM, for orchestration tests and benchmarks ONLY.
+
+It exists so that routing, failover and queueing can be exercised with hundreds of jobs on several
+nodes of chosen speeds, which real vLLM on a 2-core CPU cannot do. It generates no text worth reading.
+
+Model: like a GPU engine with continuous batching, up to `max_num_seqs` requests advance together, one
+token per step of `token_seconds`, so a request of n output tokens takes n × token_seconds once
+scheduled and a node's throughput is max_num_seqs / token_seconds tokens per second. Requests beyond
+`max_num_seqs` wait their turn. Select it with SWITCHYARD_ENGINE=simulated; SWITCHYARD_SIM_TOKEN_SECONDS
+sets the speed.
+
+Fault injection (tests only): a prompt containing `crash_marker` kills the whole worker process the
+moment it is scheduled, like a poison request that takes its worker down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import Future
+
+from workers.engine import Completion
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedEngine:
+    supports_seed = True
+
+    def __init__(self, *, token_seconds: float, max_num_seqs: int, tokenizer, crash_marker: str | None = None):
+        self.token_seconds, self.max_num_seqs = token_seconds, max_num_seqs
+        self.tokenizer, self.crash_marker = tokenizer, crash_marker
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-engine", daemon=True)
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self.state, self.restarts, self.generation = "stopped", 0, 1
+
+    def start(self) -> None:
+        self._thread.start()
+
+        async def make():
+            return asyncio.Semaphore(self.max_num_seqs)
+
+        self._slots = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+        self.state = "ready"
+        log.warning("SIMULATED engine (%.4f s/token, %d sequences): outputs are not model text",
+                    self.token_seconds, self.max_num_seqs)
+
+    def probe(self) -> str:
+        return self.state
+
+    def restart(self, seen_generation: int) -> None:  # nothing to rebuild
+        pass
+
+    def shutdown(self) -> None:
+        self.state = "stopped"
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
+        future: Future = Future()
+
+        def schedule():
+            task = self._loop.create_task(self._generate(prompt_ids, sampling))
+            self._tasks[request_id] = task
+
+            def done(t: asyncio.Task):
+                self._tasks.pop(request_id, None)
+                if t.cancelled():
+                    future.set_result(Completion("", "abort", len(prompt_ids), 0))
+                elif t.exception() is not None:
+                    future.set_exception(t.exception())
+                else:
+                    future.set_result(t.result())
+
+            task.add_done_callback(done)
+
+        self._loop.call_soon_threadsafe(schedule)
+        return future, self.generation
+
+    async def _generate(self, prompt_ids: list[int], sampling: dict) -> Completion:
+        tokens = int(sampling.get("max_tokens") or 16)
+        async with self._slots:
+            if self.crash_marker and self.crash_marker in self.tokenizer.decode(prompt_ids):
+                log.error("simulated poison request: killing this worker process")
+                os._exit(137)
+            await asyncio.sleep(tokens * self.token_seconds)
+        return Completion(f"[simulated output: {tokens} tokens]", "length", len(prompt_ids), tokens)
+
+    def abort(self, request_id: str) -> None:
+        def cancel():
+            task = self._tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
