@@ -9,7 +9,7 @@ script), so several router processes together behave like one:
   seconds per job, so a node 3× faster takes about 3× the work.
 - prefix_affinity: consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018)
   on the job's affinity key (its session id, else a digest of its prompt prefix): the first node on
-  the hash ring whose outstanding count stays within c × the average; follow-up turns reuse that node's
+  the hash ring whose outstanding count stays within c × the average (or a small floor); follow-up turns reuse that node's
   vLLM prefix cache, and a hot session spills over instead of piling onto one node.
 
 Every strategy adds the job to the chosen node's assigned set in the same step.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import random
 from functools import lru_cache
 
 from tasks import registry
@@ -27,7 +28,8 @@ from tasks import registry
 _CURSOR_KEY = "switchyard:routing:rr:{}"
 PREFIX_CHARS = 256  # how much of a prompt identifies its prefix when no session id is given
 VIRTUAL_NODES = 64  # points per node on the hash ring
-LOAD_BOUND = 1.25  # prefix affinity: a node may hold at most this × the average outstanding (+1)
+LOAD_BOUND = 1.25  # prefix affinity: a node may hold at most this × the average outstanding (+1) ...
+LOAD_FLOOR = 8  # ... or this many, whichever is more: a nearly idle cluster has no reason to spill
 
 # KEYS: candidates' assigned sets; ARGV: member, then one weight per candidate.
 # Picks the lowest (outstanding + 1) × weight, first candidate on ties.
@@ -41,12 +43,12 @@ redis.call('SADD', KEYS[best], ARGV[1])
 return best - 1
 """
 
-# KEYS: assigned sets in hash-ring order from the job's key; ARGV: member, load bound factor c.
-# Picks the first node whose outstanding + 1 stays within ceil(c × (total + 1) / n).
+# KEYS: assigned sets in hash-ring order from the job's key; ARGV: member, load bound factor c, floor.
+# Picks the first node whose outstanding + 1 stays within max(ceil(c × (total + 1) / n), floor).
 _BOUNDED_RING = """
 local counts, total = {}, 0
 for i, key in ipairs(KEYS) do counts[i] = redis.call('SCARD', key); total = total + counts[i] end
-local bound = math.ceil(tonumber(ARGV[2]) * (total + 1) / #KEYS)
+local bound = math.max(math.ceil(tonumber(ARGV[2]) * (total + 1) / #KEYS), tonumber(ARGV[3]))
 for i, key in ipairs(KEYS) do
   if counts[i] + 1 <= bound then redis.call('SADD', key, ARGV[1]); return i - 1 end
 end
@@ -95,9 +97,12 @@ def round_robin(redis, nodes: list[dict], *, model: str, member: str, key: str) 
 
 
 def _least(redis, nodes: list[dict], member: str, weights: list[float]) -> dict:
+    # Shuffled so that ties go to a random node: always favouring the first would leave it one job
+    # ahead of the rest whenever counts are level, giving it more than its share of the work.
+    order = random.sample(range(len(nodes)), len(nodes))
     script = redis.register_script(_LEAST_SCORE)
-    index = script(keys=[registry.assigned_key(n["id"]) for n in nodes], args=[member, *weights])
-    return nodes[int(index)]
+    index = script(keys=[registry.assigned_key(nodes[i]["id"]) for i in order], args=[member, *(weights[i] for i in order)])
+    return nodes[order[int(index)]]
 
 
 def least_connections(redis, nodes: list[dict], *, model: str, member: str, key: str) -> dict:
@@ -114,7 +119,7 @@ def prefix_affinity(redis, nodes: list[dict], *, model: str, member: str, key: s
     by_id = {n["id"]: n for n in nodes}
     order = ring_order(tuple(sorted(by_id)), key)
     script = redis.register_script(_BOUNDED_RING)
-    index = script(keys=[registry.assigned_key(n) for n in order], args=[member, LOAD_BOUND])
+    index = script(keys=[registry.assigned_key(n) for n in order], args=[member, LOAD_BOUND, LOAD_FLOOR])
     return by_id[order[int(index)]]
 
 

@@ -65,3 +65,30 @@ def job_count(pool, tenant_id=None) -> int:
     with pool.connection() as conn:
         return conn.execute("SELECT count(*) AS n FROM jobs WHERE %s::uuid IS NULL OR tenant_id = %s::uuid",
                             (tenant_id, tenant_id)).fetchone()["n"]
+
+
+@pytest.fixture
+def make_cluster(backing, model_path, tmp_path):
+    """Factory for a `tests.harness.Cluster` with its own database (on the session's Postgres) and its
+    own Valkey server, so its reconciler sees only its own jobs and nodes."""
+    from ops.services import EmbeddedValkey
+    from tests.harness import Cluster, fresh_database
+
+    made = []
+
+    def make(**settings):
+        pg, _ = backing
+        n = len(made)
+        valkey = EmbeddedValkey(tmp_path / f"valkey{n}", free_port()).start()
+        (tmp_path / f"logs{n}").mkdir()
+        cluster = Cluster(tmp_path / f"logs{n}", database_url=fresh_database(pg.url), redis_url=valkey.url,
+                          model_path=model_path, **settings)
+        cluster.valkey = valkey
+        cluster.tenant = store.create_tenant(cluster.db, "cluster-tenant")[0]
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+        cluster.valkey.stop()

@@ -1,0 +1,182 @@
+"""Running the system as real processes in tests: API (gunicorn), routers (with their reconciler) and GPU
+workers, over a Postgres database and a Redis server of the test's own.
+
+`Cluster` workers use the real vLLM engine or, for orchestration tests (routing, failover, queue
+overhead), the SimulatedEngine (SWITCHYARD_ENGINE=simulated) at a chosen speed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import redis as redis_lib
+
+from ops.services import free_port
+from tasks import registry, store
+from tasks.celery_app import create_celery
+from tasks.db import make_pool, migrate
+from tasks.router import publish
+from tasks.routing import affinity_key
+from tasks.settings import Settings
+from tasks.status import TERMINAL
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL_VALUES = [s.value for s in TERMINAL]
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, migrated database on the session's Postgres server: the cluster's reconciler must not see
+    (and re-route) another cluster's jobs."""
+    name = "sy_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server_url.rsplit("/", 1)[0] + "/" + name
+    migrate(url, log=lambda _m: None)
+    return url
+
+
+class Processes:
+    """Named child processes with their logs in one folder."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir, self.env = log_dir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        # Own process group: a SIGKILL of the group takes a worker's engine children with it.
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str, tail: int = 4000) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-tail:]
+
+    def signal(self, name: str, sig: int, *, group: bool = True) -> None:
+        proc = self.procs[name]
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        return self.procs[name].wait(timeout)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+class Cluster(Processes):
+    def __init__(self, log_dir: Path, *, database_url: str, redis_url: str, model_path: Path, **settings: str):
+        env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1", "SWITCHYARD_MODEL_PATH": str(model_path),
+               "SWITCHYARD_HEARTBEAT_INTERVAL": "0.5", "SWITCHYARD_HEARTBEAT_TTL": "3",
+               "SWITCHYARD_RECONCILE_INTERVAL": "0.5", "SWITCHYARD_RETRY_BACKOFF_BASE": "0.2",
+               **{f"SWITCHYARD_{k.upper()}": str(v) for k, v in settings.items()}}
+        super().__init__(log_dir, env)
+        self.settings = Settings(database_url=database_url, redis_url=redis_url, model_path=model_path,
+                                 node_id="test-client")
+        self.redis = redis_lib.Redis.from_url(redis_url)
+        self.db = make_pool(database_url, max_size=4, name="test-cluster")
+        self.celery = create_celery(self.settings)
+        self.api: str | None = None
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    def start_worker(self, node_id: str, *, simulated: bool = True, token_seconds: float = 0.002, **env: str):
+        extra = {"SWITCHYARD_NODE_ID": node_id, **env}
+        if simulated:
+            extra |= {"SWITCHYARD_ENGINE": "simulated", "SWITCHYARD_SIM_TOKEN_SECONDS": str(token_seconds)}
+        return self.start(node_id, [sys.executable, "-m", "workers.gpu"], **extra)
+
+    def start_router(self, name: str = "router", **env: str):
+        return self.start(name, [sys.executable, "-m", "workers.router"], SWITCHYARD_NODE_ID=name, **env)
+
+    def start_api(self, name: str = "api"):
+        self.api = f"http://127.0.0.1:{free_port()}"
+        return self.start(name, [sys.executable, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py", "-b",
+                                 self.api.removeprefix("http://"), "api.wsgi:app"])
+
+    def wait_nodes(self, node_ids: list[str], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and name in node_ids:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+            ready = {n["id"] for n in registry.live_nodes(self.redis) if registry.routable(n)}
+            if set(node_ids) <= ready:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"nodes {node_ids} not ready after {timeout} s:\n{self.log(node_ids[0])}")
+
+    def wait_api(self, timeout: float = 60) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.api}/healthz", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise RuntimeError(f"API not up after {timeout} s:\n{self.log('api')}")
+
+    def close(self) -> None:
+        self.stop()
+        self.db.close()
+        self.redis.close()
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def submit(self, tenant_id, n: int, *, strategy: str = "round_robin", max_tokens: int = 16,
+               prompt: str = "hello", session_id: str | None = None, max_attempts: int = 3) -> list[str]:
+        """Insert and publish jobs exactly as POST /v1/jobs does after validation (no HTTP)."""
+        ids = []
+        for i in range(n):
+            request = {"prompt": f"{prompt} {i}" if session_id is None else prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "max_attempts": max_attempts}
+            row, _ = store.insert_job(self.db, tenant_id=tenant_id, model=self.settings.model_name,
+                                      strategy=strategy, request=request, metadata={}, max_attempts=max_attempts,
+                                      session_id=session_id, affinity_key=affinity_key(session_id, request))
+            publish(self.celery, row)
+            ids.append(str(row["id"]))
+        return ids
+
+    def statuses(self, ids: list[str]) -> Counter:
+        with self.db.connection() as conn:
+            rows = conn.execute("SELECT status FROM jobs WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
+        return Counter(r["status"] for r in rows)
+
+    def wait_terminal(self, ids: list[str], timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db.connection() as conn:
+                rows = conn.execute("SELECT * FROM jobs WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
+            if len(rows) == len(ids) and all(r["status"] in TERMINAL_VALUES for r in rows):
+                return rows
+            time.sleep(0.25)
+        raise AssertionError(f"not all jobs finished in {timeout} s: {self.statuses(ids)}")
+
+    def attempt_outcomes(self, ids: list[str]) -> Counter:
+        """(outcome) counts from the attempt log: `succeeded` > len(ids) would mean duplicate results."""
+        with self.db.connection() as conn:
+            rows = conn.execute("SELECT outcome, count(*) AS n FROM job_attempts WHERE job_id = ANY(%s::uuid[]) "
+                                "GROUP BY outcome", (ids,)).fetchall()
+        return Counter({r["outcome"]: r["n"] for r in rows})
