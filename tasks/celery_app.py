@@ -3,6 +3,7 @@ process that uses them (after gunicorn's or Celery's fork)."""
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 
 import redis
@@ -35,6 +36,24 @@ class SwitchyardCelery(Celery):
         from tasks.db import make_pool
 
         return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4)
+
+    def restore_unacked(self, queue: str) -> int:
+        """Put back on `queue` every message Redis holds as delivered to it but not acknowledged.
+
+        A consumer's unacked messages are only restored by Redis's transport after the visibility
+        timeout (an hour, since jobs are acked late). A node calls this when it starts and after it
+        loses its broker connection: messages its previous life (or connection) had taken are then
+        delivered again at once. A copy of a message still in hand is harmless: jobs start only
+        through a conditional update, so one copy runs and the other is skipped."""
+        restored = 0
+        with self.connection_for_write() as conn:
+            channel = conn.default_channel
+            for tag, raw in channel.client.hscan_iter(channel.unacked_key):
+                _payload, _exchange, routing_key = json.loads(raw)
+                if routing_key == queue:
+                    channel.qos.restore_by_tag(tag, leftmost=True)
+                    restored += 1
+        return restored
 
 
 def create_celery(settings: Settings) -> SwitchyardCelery:

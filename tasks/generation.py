@@ -26,6 +26,19 @@ class SettingsBatches(Batches):
     def flush_interval(self) -> float:
         return self.app.settings.batch_flush_interval
 
+    def Strategy(self, task, app, consumer):  # noqa: N802 - Celery's name
+        """Re-arm the flush timer on every consumer (re)start.
+
+        celery-batches 0.11 arms its interval timer once, on the first message, on the consumer's event
+        loop of that moment. After a broker reconnect Celery builds a new consumer and calls Strategy
+        again, but the stale timer handle stops the timer from being re-armed, so partial batches are
+        never flushed and their jobs sit unacked (clokep/celery-batches#107, fixed upstream in #108,
+        not yet released). Forgetting the handle here is that fix."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        return super().Strategy(task, app, consumer)
+
 
 @shared_task(
     name=GENERATE_TASK, base=SettingsBatches, bind=True, acks_late=True,

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from tasks import notify, registry, store
 from tasks.retry import backoff
+from tasks.celery_app import route_queue
 from tasks.router import publish
+from tasks.settings import ROUTING_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,22 @@ class Reconciler:
     def __init__(self, app):
         self.app, self.settings = app, app.settings
         self.sweeps = 0
+        self.trust_heartbeats_after = 0.0
 
     def run_forever(self, stop: threading.Event) -> None:
+        failing = False
         while not stop.wait(self.settings.reconcile_interval):
             try:
+                if failing:  # back after an outage: route messages taken before it are stuck unacked
+                    for strategy in ROUTING_STRATEGIES:
+                        self.app.restore_unacked(route_queue(strategy))
+                    # Heartbeats lapsed during the outage too: give nodes one TTL to show up again
+                    # before their jobs are taken away from them.
+                    self.trust_heartbeats_after = time.monotonic() + self.settings.heartbeat_ttl
+                    failing = False
                 self.sweep()
             except Exception:  # noqa: BLE001 - an outage must not end the reconciler; the next sweep retries
+                failing = True
                 log.exception("reconciler sweep failed")
 
     def sweep(self) -> dict[str, int]:
@@ -51,7 +64,7 @@ class Reconciler:
         live = {n["id"] for n in registry.live_nodes(redis)}
         counts = {"rerouted": 0, "dead": 0, "republished": 0}
 
-        orphans = store.jobs_on_nodes_not_in(pool, sorted(live))
+        orphans = store.jobs_on_nodes_not_in(pool, sorted(live)) if time.monotonic() >= self.trust_heartbeats_after else []
         for job in orphans:
             self._retry(job, {"type": "worker_lost",
                               "message": f"node {job['node_id']} stopped heartbeating with the job {job['status']}"},
@@ -76,14 +89,19 @@ class Reconciler:
         return counts
 
     def _retry(self, job: dict, error: dict, counts: dict) -> None:
+        # A job that was only waiting on the node is blameless: re-routed at once, its budget untouched.
+        # One that was running there is charged an attempt (a job that kills every worker it runs on
+        # ends `dead`) and waits a jittered back-off, which also separates it from the jobs that were
+        # running beside it.
         s = self.settings
-        row = store.retry_job(self.app.db, job["id"], job["attempt"], error,
-                              delay=backoff(job["attempt"], base=s.retry_backoff_base, cap=s.retry_backoff_max))
+        running = job["status"] == "running"
+        delay = backoff(job["attempt"], base=s.retry_backoff_base, cap=s.retry_backoff_max) if running else 0.0
+        row = store.retry_job(self.app.db, job["id"], job["attempt"], error, delay=delay, charge=running)
         registry.release(self.app.redis, job["node_id"], [registry.member(job["id"], job["attempt"])])
         if row is None:
             return
         if row["status"] == "queued":
-            publish(self.app, row)  # at once: the back-off is for engine errors, a lost node is not one
+            publish(self.app, row, countdown=delay)
             counts["rerouted"] += 1
         else:
             notify.job_finished(self.app.redis, job["id"])

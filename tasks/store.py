@@ -228,12 +228,16 @@ def fail_queued_job(pool: ConnectionPool, job_id, attempt: int, error: dict) -> 
         return cur.rowcount == 1
 
 
-def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay: float = 0.0) -> dict | None:
+def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay: float = 0.0,
+              charge: bool = True) -> dict | None:
     """routed|running → queued as the next attempt (due after `delay` s) after a retryable failure;
     or → dead, with a dead letter, when the job has used its attempts.
 
-    The attempt count lives here, not in the broker. Returns the job's dispatch columns plus `status`
-    (`queued`: publish it again; `dead`: tell its waiters), or None when the job had moved on."""
+    The attempt count lives here, not in the broker. `charge=False` moves the fence (a new attempt
+    number) without spending the job's budget: for a job that merely waited on a node that died, as
+    opposed to one that was running there (a suspect, if the node keeps dying: a poison job).
+    Returns the job's dispatch columns plus `status` (`queued`: publish it again; `dead`: tell its
+    waiters), or None when the job had moved on."""
     with pool.connection() as conn, conn.transaction():
         job = conn.execute(
             "SELECT tenant_id, attempt, max_attempts, status, node_id FROM jobs WHERE id = %s FOR UPDATE",
@@ -241,13 +245,14 @@ def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay:
         ).fetchone()
         if job is None or job["attempt"] != attempt or job["status"] not in ("routed", "running"):
             return None
-        if attempt < job["max_attempts"]:
+        if attempt < job["max_attempts"] or not charge:
             outcome = "retried"
             row = conn.execute(
                 f"""UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL, routed_at = NULL,
-                           started_at = NULL, error = %s, queued_at = now() + make_interval(secs => %s)
+                           started_at = NULL, error = %s, queued_at = now() + make_interval(secs => %s),
+                           max_attempts = max_attempts + %s
                      WHERE id = %s RETURNING status, {DISPATCH_COLUMNS}""",
-                (Jsonb(error), delay, job_id),
+                (Jsonb(error), delay, 0 if charge else 1, job_id),
             ).fetchone()
         else:
             outcome = "dead"

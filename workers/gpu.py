@@ -19,10 +19,21 @@ from tasks.settings import Settings
 log = logging.getLogger("workers.gpu")
 
 
+def _restore_unacked(app) -> None:
+    queue = registry.node_queue(app.settings.node_id)
+    restored = app.restore_unacked(queue)
+    if restored:
+        log.warning("put %d unacknowledged message(s) back on %s", restored, queue)
+
+
 def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: threading.Event) -> None:
     settings = app.settings
+    failing = False
     while True:
         try:
+            if failing:  # Redis is back after an outage: messages taken before it are stuck unacked
+                _restore_unacked(app)
+                failing = False
             registry.heartbeat(app.redis, {
                 "id": settings.node_id,
                 "models": [settings.model_name],
@@ -38,6 +49,7 @@ def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: thread
                 "pid": os.getpid(),
             }, settings.heartbeat_ttl)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the heartbeats for good
+            failing = True
             log.exception("heartbeat failed")
         if stop.wait(settings.heartbeat_interval):
             return
@@ -88,6 +100,7 @@ def main() -> None:
     runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,
                          tokenizer=tokenizer)
     app.batch_runner = runner
+    _restore_unacked(app)  # what this node's previous life had taken and not finished
     stop, draining = threading.Event(), threading.Event()
     # On SIGTERM Celery stops consuming and lets running batches finish; advertising `draining` at once
     # keeps routers from sending more work here meanwhile.

@@ -1,0 +1,241 @@
+"""Delivery guarantees under faults, on real processes over real Redis and Postgres: every job is
+accounted for. The SimulatedEngine stands in for vLLM (volume); the real-engine case is in
+tests/integration/test_failover_real.py.
+
+Each test prints its counts: submitted, succeeded, lost, results accepted, results discarded
+(duplicates: work done twice whose second result was fenced off), and the time to recover."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tasks import store
+from tasks.router import publish
+
+
+def report(name: str, cluster, ids: list[str], rows: list[dict], **extra) -> Counter:
+    statuses = Counter(r["status"] for r in rows)
+    outcomes = cluster.attempt_outcomes(ids)
+    print(f"{name}: submitted {len(ids)}, succeeded {statuses['succeeded']}, lost {len(ids) - len(rows)}, "
+          f"other {dict(statuses - Counter(succeeded=statuses['succeeded']))}, results accepted "
+          f"{outcomes['succeeded']}, discarded duplicates {outcomes['discarded']}, retried attempts "
+          f"{outcomes['retried']}" + "".join(f", {k} {v}" for k, v in extra.items()))
+    return outcomes
+
+
+def two_nodes(make_cluster, **settings):
+    cluster = make_cluster(max_num_seqs=16, **settings)
+    for node in ("node-a", "node-b"):
+        cluster.start_worker(node, token_seconds=0.005)
+    cluster.start_router()
+    cluster.wait_nodes(["node-a", "node-b"])
+    return cluster
+
+
+def on_node(cluster, node: str, status: tuple[str, ...]) -> set[str]:
+    with cluster.db.connection() as conn:
+        return {str(r["id"]) for r in conn.execute(
+            "SELECT id FROM jobs WHERE node_id = %s AND status = ANY(%s)", (node, list(status))).fetchall()}
+
+
+def test_sigkill_one_of_two_workers_mid_batch_with_500_jobs(make_cluster):
+    cluster = two_nodes(make_cluster)
+    ids = cluster.submit(cluster.tenant.id, 500, strategy="least_connections", max_tokens=100)
+    while len(on_node(cluster, "node-b", ("running",))) < 16:  # mid-batch: generating
+        time.sleep(0.05)
+    killed_at = time.time()
+    cluster.signal("node-b", signal.SIGKILL)
+    rows = cluster.wait_terminal(ids, timeout=240)
+    recovered = max(r["finished_at"].timestamp() for r in rows) - killed_at
+    outcomes = report("SIGKILL mid-batch", cluster, ids, rows, recover_s=f"{recovered:.1f}")
+    assert Counter(r["status"] for r in rows) == {"succeeded": 500}
+    assert outcomes["succeeded"] == 500  # exactly 500 results
+
+
+def test_sigterm_lets_in_flight_jobs_finish_and_hands_back_the_backlog(make_cluster):
+    cluster = two_nodes(make_cluster)
+    ids = cluster.submit(cluster.tenant.id, 400, strategy="round_robin", max_tokens=200)  # 1 s each
+    while len(on_node(cluster, "node-b", ("running",))) < 16:
+        time.sleep(0.05)
+    running = on_node(cluster, "node-b", ("running",))
+    backlog = on_node(cluster, "node-b", ("routed",))
+    cluster.signal("node-b", signal.SIGTERM, group=False)
+    exit_code = cluster.wait_exit("node-b", timeout=120)
+    rows = cluster.wait_terminal(ids, timeout=240)
+    by_id = {str(r["id"]): r for r in rows}
+    outcomes = report("SIGTERM with a backlog", cluster, ids, rows, running_at_sigterm=len(running),
+                      backlog_at_sigterm=len(backlog))
+    assert exit_code == 0
+    assert Counter(r["status"] for r in rows) == {"succeeded": 400} and outcomes["succeeded"] == 400
+    # What was generating finished where it was, on its first attempt; the backlog moved to node-a.
+    assert all(by_id[i]["node_id"] == "node-b" and by_id[i]["attempt"] == 1 for i in running)
+    assert len(backlog) > 0 and all(by_id[i]["node_id"] == "node-a" for i in backlog)
+    assert cluster.redis.hlen("unacked") == 0  # nothing left unacknowledged in the broker
+
+
+def _api_cluster(make_cluster, **kw):
+    cluster = two_nodes(make_cluster, **kw)
+    cluster.start_api()
+    cluster.wait_api()
+    key = store.create_tenant(cluster.db, "api-tenant")[1]
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {key}"
+    return cluster, http
+
+
+def _submit_through_outage(cluster, http, outage, n: int = 120) -> tuple[list[str], list[requests.Response]]:
+    """POST n jobs at a steady pace while `outage()` runs in the background; returns accepted ids and the
+    responses refused meanwhile."""
+    accepted, refused = [], []
+    worker = threading.Thread(target=outage)
+    for i in range(n):
+        if i == n // 3:
+            worker.start()
+        response = http.post(f"{cluster.api}/v1/jobs", json={"prompt": f"job {i}", "max_tokens": 50}, timeout=30)
+        if response.status_code == 202:
+            accepted.append(response.json()["id"])
+        else:
+            refused.append(response)
+        time.sleep(0.05)
+    worker.join()
+    return accepted, refused
+
+
+def _check_refusals(refused: list[requests.Response]) -> None:
+    assert refused, "the outage should have refused some submissions"
+    for response in refused:
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] and response.headers["Content-Type"] == "application/problem+json"
+
+
+def test_redis_restart_mid_run(make_cluster):
+    cluster, http = _api_cluster(make_cluster)
+    down: dict[str, float] = {}
+
+    def outage():
+        cluster.valkey.stop()
+        down["at"] = time.time()
+        time.sleep(4)
+        cluster.valkey.start()
+        down["back"] = time.time()
+
+    accepted, refused = _submit_through_outage(cluster, http, outage)
+    rows = cluster.wait_terminal(accepted, timeout=240)
+    recovered = max(r["finished_at"].timestamp() for r in rows) - down["back"]
+    report("Redis restart", cluster, accepted, rows, refused_503=len(refused), recover_s=f"{recovered:.1f}")
+    _check_refusals(refused)
+    assert Counter(r["status"] for r in rows) == {"succeeded": len(accepted)}
+    with cluster.db.connection() as conn:  # a refused submission left nothing behind
+        assert conn.execute("SELECT count(*) AS n FROM jobs").fetchone()["n"] == len(accepted)
+
+
+def test_postgres_restart_mid_run(make_cluster):
+    cluster, http = _api_cluster(make_cluster, own_postgres=True)
+    down: dict[str, float] = {}
+
+    def outage():
+        cluster.postgres.stop(mode="fast")
+        down["at"] = time.time()
+        time.sleep(4)
+        cluster.postgres.start()
+        down["back"] = time.time()
+
+    accepted, refused = _submit_through_outage(cluster, http, outage)
+    rows = cluster.wait_terminal(accepted, timeout=240)
+    recovered = max(r["finished_at"].timestamp() for r in rows) - down["back"]
+    report("Postgres restart", cluster, accepted, rows, refused_503=len(refused), recover_s=f"{recovered:.1f}")
+    _check_refusals(refused)
+    assert Counter(r["status"] for r in rows) == {"succeeded": len(accepted)}
+
+
+def test_poison_job_goes_dead_and_spares_the_rest(make_cluster):
+    cluster = make_cluster(sim_crash_marker="POISON")
+    nodes = ["node-a", "node-b"]
+    for node in nodes:
+        cluster.start_worker(node)
+    cluster.start_router()
+    cluster.wait_nodes(nodes)
+
+    stop, deaths = threading.Event(), Counter()
+
+    def supervise():  # restarts dead workers, as systemd or Kubernetes would
+        while not stop.wait(0.2):
+            for node in nodes:
+                if cluster.procs[node].poll() is not None:
+                    deaths[node] += 1
+                    cluster.start_worker(node)
+
+    supervisor = threading.Thread(target=supervise)
+    supervisor.start()
+    try:
+        [poison] = cluster.submit(cluster.tenant.id, 1, prompt="POISON pill", max_attempts=3)
+        others = cluster.submit(cluster.tenant.id, 100, max_tokens=50)
+        rows = cluster.wait_terminal([poison, *others], timeout=180)
+    finally:
+        stop.set()
+        supervisor.join()
+    by_id = {str(r["id"]): r for r in rows}
+    report("poison job", cluster, others, [by_id[i] for i in others], worker_deaths=sum(deaths.values()))
+    dead = by_id[poison]
+    assert dead["status"] == "dead" and dead["attempt"] == 3 and dead["error"]["type"] == "worker_lost"
+    assert sum(deaths.values()) == 3  # it killed a worker on each of its attempts, then was retired
+    [letter] = [d for d in store.list_dead_letters(cluster.db, cluster.tenant.id) if str(d["job_id"]) == poison]
+    assert (letter["reason"], letter["attempts"]) == ("worker_lost", 3)
+    assert all(by_id[i]["status"] == "succeeded" for i in others)
+
+
+def test_crash_between_commit_and_publish_is_recovered(make_cluster):
+    cluster = make_cluster(redispatch_after=2)
+    cluster.start_worker("node-a")
+    cluster.start_router()
+    cluster.wait_nodes(["node-a"])
+    # Exactly what a crash after the API's commit leaves: the row, and no message.
+    row, _ = store.insert_job(cluster.db, tenant_id=cluster.tenant.id, model=cluster.settings.model_name,
+                              strategy="round_robin", request={"prompt": "orphan", "max_tokens": 8}, metadata={},
+                              max_attempts=3)
+    started = time.monotonic()
+    [done] = cluster.wait_terminal([str(row["id"])], timeout=60)
+    print(f"commit without publish: {done['status']} after {time.monotonic() - started:.1f} s")
+    assert done["status"] == "succeeded" and done["attempt"] == 1
+    assert "republished" in cluster.log("router", tail=100_000)
+
+
+def test_a_lost_retry_publish_is_recovered_and_duplicates_are_harmless(make_cluster):
+    cluster = make_cluster(redispatch_after=1)
+    cluster.start_worker("node-a")
+    cluster.start_router()
+    cluster.wait_nodes(["node-a"])
+    ids = cluster.submit(cluster.tenant.id, 20)
+    for row in [store.get_job(cluster.db, i) for i in ids]:  # every message published three times more
+        for _ in range(3):
+            publish(cluster.celery, row)
+    rows = cluster.wait_terminal(ids)
+    outcomes = report("duplicate messages", cluster, ids, rows)
+    assert Counter(r["status"] for r in rows) == {"succeeded": 20} and outcomes["succeeded"] == 20
+
+
+def test_fifty_concurrent_posts_with_one_idempotency_key_make_one_job(make_cluster):
+    cluster, http = _api_cluster(make_cluster)
+    body = {"prompt": "exactly once", "max_tokens": 8}
+    headers = {"Idempotency-Key": "order-42"}
+
+    def post(_):
+        return http.post(f"{cluster.api}/v1/jobs", json=body, headers=headers, timeout=30)
+
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(post, range(50)))
+    codes = Counter(r.status_code for r in responses)
+    job_ids = {r.json()["id"] for r in responses}
+    print(f"idempotency: 50 concurrent POSTs -> status codes {dict(codes)}, {len(job_ids)} job id(s)")
+    assert codes == {202: 1, 200: 49} and len(job_ids) == 1
+    with cluster.db.connection() as conn:
+        assert conn.execute("SELECT count(*) AS n FROM jobs").fetchone()["n"] == 1
+    # Same key, different body: refused with a message saying what to do.
+    conflict = http.post(f"{cluster.api}/v1/jobs", json={**body, "max_tokens": 9}, headers=headers, timeout=30)
+    assert conflict.status_code == 422 and "different request body" in conflict.json()["detail"]

@@ -1,0 +1,63 @@
+"""Failover: a node killed without warning while it holds work (SIGKILL), on real processes.
+
+The SimulatedEngine stands in for vLLM here (this is about routing and recovery, with 300 jobs);
+tests/integration/test_failover_real.py does the same with the real engine."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+from tasks import registry
+from tasks.celery_app import GENERATE_TASK
+
+NODES = ["node-a", "node-b", "node-c"]
+
+
+def test_sigkill_one_of_three_nodes_with_300_jobs_in_flight(make_cluster):
+    cluster = make_cluster(max_num_seqs=16)
+    for node in NODES:
+        cluster.start_worker(node, token_seconds=0.01)  # 100 tokens = 1 s per job; 16 at once per node
+    cluster.start_router()
+    cluster.wait_nodes(NODES)
+
+    ids = cluster.submit(cluster.tenant.id, 300, strategy="round_robin", max_tokens=100)
+    while cluster.statuses(ids)["queued"]:  # kill once every job is on a node
+        time.sleep(0.1)
+    with cluster.db.connection() as conn:
+        held = {str(r["id"]) for r in conn.execute(
+            "SELECT id FROM jobs WHERE node_id = 'node-b' AND status IN ('routed', 'running')").fetchall()}
+    killed_at = time.time()
+    cluster.signal("node-b", signal.SIGKILL)
+    assert len(held) >= 40, f"node-b should hold many jobs when it is killed, not {len(held)}"
+
+    rows = cluster.wait_terminal(ids, timeout=180)
+    by_id = {str(r["id"]): r for r in rows}
+    outcomes = cluster.attempt_outcomes(ids)
+    rerouted = [by_id[i] for i in held]
+    reroute_s = [r["routed_at"].timestamp() - killed_at for r in rerouted]
+    finish_s = [r["finished_at"].timestamp() - killed_at for r in rerouted]
+    print(f"failover: {Counter(r['status'] for r in rows)}; node-b held {len(held)} jobs at the kill; re-routed "
+          f"{min(reroute_s):.1f}..{max(reroute_s):.1f} s after it, finished by {max(finish_s):.1f} s; attempt log "
+          f"{dict(outcomes)}")
+    assert Counter(r["status"] for r in rows) == {"succeeded": 300}
+    assert outcomes["succeeded"] == 300  # exactly one accepted result per job: no duplicates
+    assert all(r["attempt"] == 2 and r["node_id"] in ("node-a", "node-c") for r in rerouted)
+    assert max(reroute_s) <= 15.0
+    # Their own run time on the survivors: at most 300 jobs / 32 slots × 1 s, after the re-route.
+    assert max(finish_s) <= 15.0 + 300 / 32 * 1.0 + 5
+
+    # The dead node comes back under its old name: it rejoins on its own ...
+    cluster.start_worker("node-b", token_seconds=0.01)
+    cluster.wait_nodes(NODES)
+    later = cluster.submit(cluster.tenant.id, 30, strategy="round_robin", max_tokens=10)
+    assert Counter(r["node_id"] for r in cluster.wait_terminal(later))["node-b"] == 10
+    # ... and an old message it replays (attempt 1 of a job that finished as attempt 2) changes nothing.
+    victim = rerouted[0]
+    cluster.celery.send_task(GENERATE_TASK, args=[str(victim["id"]), 1], queue=registry.node_queue("node-b"))
+    time.sleep(2.0)
+    after = cluster.wait_terminal([str(victim["id"])])[0]
+    assert (after["attempt"], after["node_id"], after["result"]) == (2, victim["node_id"], victim["result"])
+    assert cluster.attempt_outcomes([str(victim["id"])])["succeeded"] == 1
+    assert "skipped 1 of 1 jobs" in cluster.log("node-b", tail=100_000)
