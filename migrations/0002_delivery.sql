@@ -18,8 +18,11 @@ CREATE TABLE job_attempts (
     job_id      uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     attempt     integer NOT NULL,
     node_id     text,
+    -- retried: failed in a way worth another attempt, and charged for it; moved: taken off a node that
+    -- died while the job was only waiting there (not charged); discarded: a result that arrived for
+    -- an attempt that had been superseded or cancelled.
     outcome     text NOT NULL CHECK (outcome IN
-                    ('succeeded', 'failed', 'retried', 'dead', 'discarded')),
+                    ('succeeded', 'failed', 'retried', 'moved', 'dead', 'discarded')),
     error       jsonb,
     recorded_at timestamptz NOT NULL DEFAULT now()
 );

@@ -89,22 +89,10 @@ class Reconciler:
         return counts
 
     def _retry(self, job: dict, error: dict, counts: dict) -> None:
-        # A job that was only waiting on the node is blameless: re-routed at once, its budget untouched.
-        # One that was running there is charged an attempt (a job that kills every worker it runs on
-        # ends `dead`) and waits a jittered back-off, which also separates it from the jobs that were
-        # running beside it.
-        s = self.settings
-        running = job["status"] == "running"
-        delay = backoff(job["attempt"], base=s.retry_backoff_base, cap=s.retry_backoff_max) if running else 0.0
-        row = store.retry_job(self.app.db, job["id"], job["attempt"], error, delay=delay, charge=running)
-        registry.release(self.app.redis, job["node_id"], [registry.member(job["id"], job["attempt"])])
-        if row is None:
-            return
-        if row["status"] == "queued":
-            publish(self.app, row, countdown=delay)
+        outcome = requeue_lost(self.app, job, error)
+        if outcome == "queued":
             counts["rerouted"] += 1
-        else:
-            notify.job_finished(self.app.redis, job["id"])
+        elif outcome == "dead":
             counts["dead"] += 1
 
     def _resync_assigned(self, live: set[str]) -> None:
@@ -119,6 +107,28 @@ class Reconciler:
             stale = [m for m, (job_id, attempt) in zip(members, pairs)
                      if current.get(job_id) not in ((int(attempt), node_id), (int(attempt), None))]
             registry.release(redis, node_id, stale)
+
+
+def requeue_lost(app, job: dict, error: dict) -> str | None:
+    """Take a job (id, attempt, node_id, status) back from a node that lost it: re-queue it, or bury
+    it when its attempts are used up. Returns the job's new status, or None if it had moved on.
+
+    A job that was only waiting on the node is blameless: it is re-routed at once, its budget of
+    attempts untouched. One that was running there is charged an attempt (so a job that kills every
+    worker it runs on ends `dead`) and waits a jittered back-off, which also separates it from the
+    jobs that were running beside it."""
+    s = app.settings
+    running = job["status"] == "running"
+    delay = backoff(job["attempt"], base=s.retry_backoff_base, cap=s.retry_backoff_max) if running else 0.0
+    row = store.retry_job(app.db, job["id"], job["attempt"], error, delay=delay, charge=running)
+    registry.release(app.redis, job["node_id"], [registry.member(job["id"], job["attempt"])])
+    if row is None:
+        return None
+    if row["status"] == "queued":
+        publish(app, row, countdown=delay)
+    else:
+        notify.job_finished(app.redis, job["id"])
+    return row["status"]
 
 
 def reconcile_forever(app) -> threading.Event:

@@ -194,6 +194,19 @@ def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str)
         ).fetchall()
 
 
+def crash_counts(pool: ConnectionPool, job_ids: list[str]) -> dict[str, int]:
+    """For each job that has any: how many of its attempts were running when their worker or engine died."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            """SELECT job_id, count(*) AS n FROM job_attempts
+                WHERE job_id = ANY(%s::uuid[]) AND outcome IN ('retried', 'dead')
+                  AND error->>'type' IN ('worker_lost', 'engine_dead')
+                GROUP BY job_id""",
+            (job_ids,),
+        ).fetchall()
+    return {str(r["job_id"]): r["n"] for r in rows}
+
+
 def finish_job(pool: ConnectionPool, job_id, attempt: int, status: JobStatus, *, node_id: str,
                result=None, error=None) -> bool:
     """running → succeeded | failed, logged in job_attempts. False when the job moved on (cancelled, or
@@ -246,7 +259,7 @@ def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay:
         if job is None or job["attempt"] != attempt or job["status"] not in ("routed", "running"):
             return None
         if attempt < job["max_attempts"] or not charge:
-            outcome = "retried"
+            outcome = "retried" if charge else "moved"
             row = conn.execute(
                 f"""UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL, routed_at = NULL,
                            started_at = NULL, error = %s, queued_at = now() + make_interval(secs => %s),
@@ -284,6 +297,14 @@ def jobs_on_nodes_not_in(pool: ConnectionPool, live_node_ids: list[str]) -> list
             """SELECT id, attempt, node_id, status FROM jobs
                 WHERE status IN ('routed', 'running') AND node_id <> ALL(%s::text[])""",
             (live_node_ids,),
+        ).fetchall()
+
+
+def jobs_on_node(pool: ConnectionPool, node_id: str, statuses: tuple[str, ...]) -> list[dict]:
+    with pool.connection() as conn:
+        return conn.execute(
+            "SELECT id, attempt, node_id, status FROM jobs WHERE node_id = %s AND status = ANY(%s)",
+            (node_id, list(statuses)),
         ).fetchall()
 
 

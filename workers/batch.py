@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
+from contextlib import contextmanager
 
 from tasks import notify, registry, store
 from tasks.prompting import prompt_token_ids
@@ -24,6 +25,46 @@ from workers.engine import EngineError
 log = logging.getLogger(__name__)
 
 _EWMA_ALPHA = 0.2
+#: A job that was running in this many crashes (worker or engine died) runs alone from then on, so a
+#: poison job's next crash takes nothing else with it, and jobs that merely ran beside it twice finish.
+SOLO_AFTER_CRASHES = 2
+
+
+class SoloGate:
+    """Many batches share the engine; a suspect job waits for it to be idle and runs alone, and batches
+    that arrive meanwhile wait for it (so suspects cannot starve)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._solo_waiting = 0
+        self._solo = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._solo and not self._solo_waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._solo_waiting += 1
+            self._cond.wait_for(lambda: not self._solo and not self._shared)
+            self._solo_waiting -= 1
+            self._solo = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._solo = False
+                self._cond.notify_all()
 
 
 def request_id(job_id, attempt: int) -> str:
@@ -40,6 +81,7 @@ class BatchRunner:
         self.ewma_job_seconds: float | None = None
         self.ewma_token_seconds: float | None = None
         self._failing = False  # a failure was reported to the registry and not yet cleared
+        self._gate = SoloGate()
 
     @property
     def inflight(self) -> int:
@@ -56,12 +98,29 @@ class BatchRunner:
         return ride_out(fn, tolerance=self.settings.outage_tolerance, what=what)
 
     def __call__(self, items: list[tuple[str, int]]) -> None:
-        jobs = self._durably(lambda: store.start_jobs(self.pool, items, self.node_id), "marking a batch running")
+        crashes = self._durably(lambda: store.crash_counts(self.pool, [i for i, _ in items]), "reading crash counts")
+        normal = [(i, a) for i, a in items if crashes.get(str(i), 0) < SOLO_AFTER_CRASHES]
+        if normal:
+            with self._gate.shared():
+                self._run(self._start(normal))
+        for item in items:
+            if crashes.get(str(item[0]), 0) >= SOLO_AFTER_CRASHES:
+                # Marked running only once it has the engine to itself: if it crashes the node again,
+                # no job merely waiting behind it is blamed.
+                with self._gate.exclusive():
+                    log.warning("job %s was running in %d crashes: running it alone", item[0], crashes[str(item[0])])
+                    self._run(self._start([item]))
+
+    def _start(self, items: list[tuple[str, int]]) -> list[dict]:
+        jobs = self._durably(lambda: store.start_jobs(self.pool, items, self.node_id), "marking jobs running")
         started = {registry.member(j["id"], j["attempt"]) for j in jobs}
         skipped = [registry.member(i, a) for i, a in items if registry.member(i, a) not in started]
         if skipped:
             log.info("skipped %d of %d jobs (cancelled, superseded or delivered twice)", len(skipped), len(items))
             self._best_effort(lambda: registry.release(self.redis, self.node_id, skipped))
+        return jobs
+
+    def _run(self, jobs: list[dict]) -> None:
         pending = {}
         for job in jobs:
             submitted = self._submit(job)

@@ -12,11 +12,23 @@ import math
 import os
 import threading
 
-from tasks import notify, registry
+from tasks import notify, registry, store
 from tasks.celery_app import create_celery
 from tasks.settings import Settings
 
 log = logging.getLogger("workers.gpu")
+
+
+def _recover_previous_life(app) -> None:
+    """A new process disowns whatever its node id still holds: a previous process that died and was
+    restarted before its heartbeat expired (so the reconciler never saw the node go). Jobs it was
+    running are retried and charged for it; jobs routed to it move on free of charge (their messages
+    may have died with it). Node ids must therefore be unique per process."""
+    from tasks.recovery import requeue_lost
+
+    for job in store.jobs_on_node(app.db, app.settings.node_id, ("routed", "running")):
+        requeue_lost(app, job, {"type": "worker_lost",
+                                "message": f"node {job['node_id']} restarted with the job {job['status']}"})
 
 
 def _restore_unacked(app) -> None:
@@ -100,7 +112,7 @@ def main() -> None:
     runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,
                          tokenizer=tokenizer)
     app.batch_runner = runner
-    _restore_unacked(app)  # what this node's previous life had taken and not finished
+    _recover_previous_life(app)
     stop, draining = threading.Event(), threading.Event()
     # On SIGTERM Celery stops consuming and lets running batches finish; advertising `draining` at once
     # keeps routers from sending more work here meanwhile.

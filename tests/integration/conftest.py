@@ -4,7 +4,6 @@ engine, and Flower, over this session's own Postgres and Valkey."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,26 +13,16 @@ import requests
 
 from ops.services import free_port
 from tasks import store
+from tests.harness import Processes
 
-ROOT = Path(__file__).resolve().parents[2]
 NODE_ID = "test-gpu-0"
 
 
-class Stack:
+class Stack(Processes):
     def __init__(self, log_dir: Path, env: dict[str, str]):
-        self.log_dir, self.env = log_dir, env
-        self.procs: dict[str, subprocess.Popen] = {}
+        super().__init__(log_dir, env)
         self.api = f"http://127.0.0.1:{free_port()}"
         self.flower = f"http://127.0.0.1:{free_port()}"
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str, tail: int = 4000) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-tail:]
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -48,15 +37,6 @@ class Stack:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"stack not ready after {timeout} s:\n{self.log('worker')}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 @pytest.fixture(scope="session")
