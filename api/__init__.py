@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.errors import register_error_handlers
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
+    from api.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env().require_urls()
     app = Flask("switchyard")
@@ -60,4 +61,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(health_bp)
     app.register_blueprint(jobs_bp)
+    app.register_blueprint(webhooks_bp)
     return app

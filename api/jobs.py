@@ -91,7 +91,8 @@ def submit():
     services = _services()
     settings = services.settings
     job = JobRequest.model_validate(_parse_body(), context={
-        "max_tokens_limit": settings.max_tokens_limit, "strategies": ROUTING_STRATEGIES})
+        "max_tokens_limit": settings.max_tokens_limit, "strategies": ROUTING_STRATEGIES,
+        "webhook_allow": settings.webhook_allow})
     model = _check_model(job)
     request_dict = job.model_dump(include={"messages", "prompt"}, exclude_none=True)
     sampling = job.sampling()
@@ -100,7 +101,8 @@ def submit():
     tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in ROUTING_STRATEGIES else None
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     row = store.insert_job(services.pool, tenant_id=g.tenant.id, model=model, strategy=strategy,
-                           request={**request_dict, **sampling}, metadata=job.metadata)
+                           request={**request_dict, **sampling}, metadata=job.metadata,
+                           webhook=job.webhook.model_dump() if job.webhook else None)
     try:
         publish(services.celery, row["id"], row["attempt"], model, strategy)
     except Exception:

@@ -63,12 +63,14 @@ def tenant_for_key(pool: ConnectionPool, key: str) -> Tenant | None:
 # --- jobs: API side -----------------------------------------------------------------------------
 
 
-def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict) -> dict:
+def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
+               webhook: dict | None = None) -> dict:
     with pool.connection() as conn:
         return conn.execute(
-            """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata)
-               VALUES (%s, %s, 'queued', %s, %s, %s, %s) RETURNING *""",
-            (uuid.uuid4(), tenant_id, model, strategy, Jsonb(request), Jsonb(metadata)),
+            """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata, webhook)
+               VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s) RETURNING *""",
+            (uuid.uuid4(), tenant_id, model, strategy, Jsonb(request), Jsonb(metadata),
+             Jsonb(webhook) if webhook is not None else None),
         ).fetchone()
 
 
