@@ -3,8 +3,9 @@
 `up` starts Postgres and Redis (embedded ones, unless DATABASE_URL / REDIS_URL are set), migrates,
 prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, a small
 local webhook receiver and Flower, then submits a few sample jobs, prints the model's answers and shows
-the first job's webhook arriving at the receiver, its signature verified. State, logs and pid files live in `.switchyard/`, so a
-second `up` reuses everything the first prepared and `down` stops exactly what `up` started.
+the first job's webhook arriving at the receiver, its signature verified. State, logs and pid files live
+in `.switchyard/`, so a second `up` reuses everything the first prepared and `down` stops exactly what
+`up` started.
 """
 
 from __future__ import annotations

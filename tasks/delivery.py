@@ -173,7 +173,7 @@ def deliver(pool, settings: Settings, delivery_id: str, attempt: int) -> str:
 
 # Postgres errors are retried by Celery; the attempt fence makes a retry after the claim a no-op, and
 # the row's lease then lets the dispatcher hand it out again as the next attempt.
-@shared_task(name=DELIVER_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=5,
+@shared_task(name=DELIVER_TASK, bind=True, queue=QUEUE, acks_late=True, ignore_result=True, max_retries=5,
              autoretry_for=(psycopg.OperationalError,), retry_backoff=True, retry_backoff_max=30, retry_jitter=True)
 def deliver_webhook(self, delivery_id: str, attempt: int) -> str:
     return deliver(self.app.db, self.app.settings, delivery_id, attempt)

@@ -16,6 +16,7 @@ from celery.signals import worker_shutting_down
 
 from tasks import webhooks
 from tasks.celery_app import create_celery
+from tasks.delivery import DELIVER_TASK, QUEUE  # also registers the deliver task
 from tasks.db import make_pool
 from tasks.settings import Settings
 
@@ -28,6 +29,8 @@ class Dispatcher(threading.Thread):
     dispatcher that was down, a crash between commit and enqueue)."""
 
     batch = 500
+    coalesce = 0.005  # seconds
+    queue_limit = 2000  # messages waiting on the `webhooks` queue, beyond which nothing more is dispatched
 
     def __init__(self, app, stop: threading.Event):
         super().__init__(name="webhook-dispatcher", daemon=True)
@@ -40,19 +43,26 @@ class Dispatcher(threading.Thread):
                     conn.execute(f"LISTEN {webhooks.NOTIFY_CHANNEL}")
                     while not self.stop.is_set():
                         self.dispatch_due()
-                        for _ in conn.notifies(timeout=self.settings.webhook_sweep_interval, stop_after=1):
-                            pass
+                        self.wait(conn)
             except Exception:  # noqa: BLE001 - Postgres or Redis away: keep trying, the rows wait
                 log.exception("webhook dispatcher failed; retrying in 1 s")
                 self.stop.wait(1)
 
-    def dispatch_due(self) -> int:
-        from tasks.delivery import DELIVER_TASK, QUEUE
+    def wait(self, conn) -> None:
+        """Until a NOTIFY or the next sweep; then a few ms more, so a burst of commits is one claim."""
+        woken = any(True for _ in conn.notifies(timeout=self.settings.webhook_sweep_interval, stop_after=1))
+        if woken:
+            for _ in conn.notifies(timeout=self.coalesce):
+                pass
 
+    def dispatch_due(self) -> int:
         sent = 0
         while True:
-            rows = webhooks.claim_due(self.app.db, limit=self.batch,
-                                      lease_seconds=self.settings.webhook_dispatch_lease)
+            # Back-pressure: a backlog longer than the lease would only be dispatched again.
+            room = min(self.batch, self.queue_limit - self.app.redis.llen(QUEUE))
+            if room <= 0:
+                return sent
+            rows = webhooks.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease)
             for i, row in enumerate(rows):
                 try:
                     self.app.send_task(DELIVER_TASK, args=[str(row["id"]), row["attempts"] + 1], queue=QUEUE)
@@ -60,7 +70,7 @@ class Dispatcher(threading.Thread):
                     webhooks.release(self.app.db, [r["id"] for r in rows[i:]])
                     raise
             sent += len(rows)
-            if len(rows) < self.batch:
+            if len(rows) < room:
                 return sent
 
 
@@ -68,8 +78,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
     app = create_celery(settings)
-    import tasks.delivery  # noqa: F401 - registers the deliver task with this app
-
     app.db = make_pool(settings.database_url, max_size=settings.webhook_concurrency + 2, name="webhooks")
     stop = threading.Event()
     worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
@@ -77,7 +85,7 @@ def main() -> None:
     try:
         app.Worker(
             hostname=f"webhooks@{settings.node_id}",
-            queues=[tasks.delivery.QUEUE],
+            queues=[QUEUE],
             pool="threads",
             concurrency=settings.webhook_concurrency,
             loglevel="INFO",

@@ -115,7 +115,8 @@ def test_retry_and_re_enable(db, client, tenant, receiver):
     assert client.post("/v1/webhooks/endpoints/enable", json={"url": "http://8.8.8.8/"},
                        headers=auth(key)).status_code == 404
     enabled = client.post("/v1/webhooks/endpoints/enable", json={"url": receiver.url(path)}, headers=auth(key))
-    assert enabled.status_code == 200 and client.get("/v1/webhooks/endpoints", headers=auth(key)).get_json()["data"] == []
+    assert enabled.status_code == 200
+    assert client.get("/v1/webhooks/endpoints", headers=auth(key)).get_json()["data"] == []
 
     again = client.post(retry_url, headers=auth(key))
     assert again.status_code == 202 and again.get_json()["status"] == "pending"

@@ -243,3 +243,11 @@ def test_jobs_without_a_webhook_make_no_deliveries(db, tenant):
     job = store.insert_job(db, tenant_id=t.id, model="m", strategy="round_robin", request={}, metadata={})
     run_to_end(db, job)
     assert deliveries(db, job["id"]) == []
+
+
+def test_webhooks_workers_consume_only_the_webhooks_queue(webhook_settings, webhook_workers):
+    from tasks.celery_app import create_celery
+
+    queues = create_celery(webhook_settings).control.inspect(timeout=2).active_queues()
+    assert {name: [q["name"] for q in qs] for name, qs in queues.items()} == \
+        {f"webhooks@test-{i}": ["webhooks"] for i in range(len(webhook_workers))}

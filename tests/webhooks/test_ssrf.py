@@ -18,7 +18,8 @@ def test_internal_urls_are_refused(url):
         check_url(url, ALLOW)
 
 
-@pytest.mark.parametrize("url", ["http://2130706433:9000/", "http://127.1:9000/", "http://0x7f000001:9000/", "http://127.0.0.2:9000/",
+@pytest.mark.parametrize("url", ["http://2130706433:9000/", "http://127.1:9000/", "http://0x7f000001:9000/",
+                                 "http://127.0.0.2:9000/",
                                  "http://127.0.0.1:9001/", "http://user:pw@127.0.0.1:9000/"])
 def test_the_allow_list_is_exact(url):
     """An allow-listed 127.0.0.1:9000 permits that address and port only, written canonically."""
