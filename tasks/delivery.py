@@ -120,9 +120,9 @@ def send(pool, settings: Settings, delivery: dict) -> Response:
         return Response(error=str(exc))  # DNS may come back: retried
     except ssrf.UnsafeURL as exc:
         return Response(error=f"refused: {exc}", refused=True)
+    secrets = delivery["secrets"] if delivery["has_current"] else webhooks.signing_secrets(pool, delivery["tenant_id"])
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-               **signing.headers(webhooks.signing_secrets(pool, delivery["tenant_id"]), str(delivery["id"]),
-                                 int(time.time()), body)}
+               **signing.headers(secrets, str(delivery["id"]), int(time.time()), body)}
     return post(target, body, headers, settings.webhook_timeout)
 
 

@@ -128,7 +128,8 @@ def release(pool: ConnectionPool, ids: list) -> None:
 
 def begin_attempt(pool: ConnectionPool, delivery_id, attempt: int, *, lease_seconds: float) -> dict | None:
     """Claim attempt number `attempt` and log it; None when that attempt was already taken (a duplicate
-    or stale task message) or the delivery is no longer pending."""
+    or stale task message) or the delivery is no longer pending. The row comes with its endpoint's
+    state and the tenant's signing secrets (`has_current` false: the tenant has none yet)."""
     with pool.connection() as conn:
         return conn.execute(
             """WITH claimed AS (
@@ -141,7 +142,12 @@ def begin_attempt(pool: ConnectionPool, delivery_id, attempt: int, *, lease_seco
                    INSERT INTO webhook_attempts (delivery_id, attempt, error)
                    SELECT id, attempts, %(lost)s FROM claimed
                )
-               SELECT c.*, e.disabled_at, e.disabled_reason
+               SELECT c.*, e.disabled_at, e.disabled_reason,
+                      array(SELECT s.secret FROM webhook_secrets s
+                             WHERE s.tenant_id = c.tenant_id AND (s.expires_at IS NULL OR s.expires_at > now())
+                             ORDER BY s.expires_at IS NULL DESC, s.created_at DESC) AS secrets,
+                      EXISTS (SELECT FROM webhook_secrets s WHERE s.tenant_id = c.tenant_id AND s.expires_at IS NULL)
+                          AS has_current
                  FROM claimed c LEFT JOIN webhook_endpoints e ON e.tenant_id = c.tenant_id AND e.url = c.url""",
             {"id": delivery_id, "attempt": attempt, "lease": lease_seconds, "lost": LOST_ATTEMPT},
         ).fetchone()
