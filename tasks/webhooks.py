@@ -7,6 +7,9 @@ A delivery is `pending` until an attempt gets a 2xx (`delivered`) or it is dead-
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+
 from psycopg_pool import ConnectionPool
 
 from tasks.signing import new_secret
@@ -15,6 +18,7 @@ from tasks.status import TERMINAL, JobStatus
 NOTIFY_CHANNEL = "switchyard_webhooks"
 EVENTS = tuple(f"job.{s.value}" for s in JobStatus if s is JobStatus.RUNNING or s in TERMINAL)
 DEFAULT_EVENTS = tuple(f"job.{s.value}" for s in JobStatus if s in TERMINAL)
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
 LOST_ATTEMPT = "no outcome recorded: the worker stopped during the attempt"
 
 
@@ -179,16 +183,36 @@ def finish_attempt(pool: ConnectionPool, delivery_id, attempt: int, *, status: s
 # --- deliveries: API side -----------------------------------------------------------------------
 
 
-def deliveries_for_job(pool: ConnectionPool, job_id, tenant_id) -> list[dict]:
-    """The job's deliveries, oldest first, each with its `attempt_log` (oldest attempt first)."""
-    with pool.connection() as conn:
-        rows = conn.execute("""SELECT * FROM webhook_deliveries WHERE job_id = %s AND tenant_id = %s
-                                ORDER BY created_at, id""", (job_id, tenant_id)).fetchall()
-        attempts = conn.execute("""SELECT * FROM webhook_attempts WHERE delivery_id = ANY(%s)
-                                    ORDER BY attempt""", ([r["id"] for r in rows],)).fetchall()
+def _with_attempts(conn, rows: list[dict]) -> list[dict]:
+    attempts = conn.execute("SELECT * FROM webhook_attempts WHERE delivery_id = ANY(%s) ORDER BY attempt",
+                            ([r["id"] for r in rows],)).fetchall()
     for row in rows:
         row["attempt_log"] = [a for a in attempts if a["delivery_id"] == row["id"]]
     return rows
+
+
+def deliveries_for_job(pool: ConnectionPool, job_id, tenant_id) -> list[dict]:
+    """The job's deliveries, oldest first, each with its `attempt_log` (oldest attempt first)."""
+    with pool.connection() as conn:
+        return _with_attempts(conn, conn.execute(
+            "SELECT * FROM webhook_deliveries WHERE job_id = %s AND tenant_id = %s ORDER BY created_at, id",
+            (job_id, tenant_id)).fetchall())
+
+
+def list_deliveries(pool: ConnectionPool, tenant_id, *, limit: int, status: str | None,
+                    after: tuple[datetime, uuid.UUID] | None) -> list[dict]:
+    """The tenant's deliveries, newest first (`status='dead'`: the dead letters); `after` is the
+    (created_at, id) of the last one of the previous page."""
+    with pool.connection() as conn:
+        return _with_attempts(conn, conn.execute(
+            """SELECT * FROM webhook_deliveries
+                WHERE tenant_id = %(tenant)s
+                  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+                  AND (%(ts)s::timestamptz IS NULL OR (created_at, id) < (%(ts)s::timestamptz, %(id)s::uuid))
+                ORDER BY created_at DESC, id DESC
+                LIMIT %(limit)s""",
+            {"tenant": tenant_id, "status": status, "limit": limit,
+             "ts": after[0] if after else None, "id": after[1] if after else None}).fetchall())
 
 
 def get_delivery(pool: ConnectionPool, delivery_id, job_id, tenant_id) -> dict | None:

@@ -130,3 +130,26 @@ def test_retry_and_re_enable(db, client, tenant, receiver):
     assert client.get(deliveries_url, headers=auth(other_key)).status_code == 404
     assert client.post(retry_url, headers=auth(other_key)).status_code == 404
     assert client.post(f"{deliveries_url}/{uuid.uuid4()}/retry", headers=auth(key)).status_code == 404
+
+
+@pytest.mark.usefixtures("webhook_workers")
+def test_tenant_wide_listing_shows_dead_letters(db, client, tenant, receiver):
+    t, key = tenant
+    path = f"/api/{uuid.uuid4().hex[:8]}"
+    receiver.script(path, (410, {}))
+    ok_job, gone_job = (store.get_job(db, _submit(client, key, {"url": receiver.url(p)})[1]["id"])
+                        for p in (f"{path}-ok", path))
+    run_to_end(db, ok_job)
+    run_to_end(db, gone_job)
+    dead = wait_until(lambda: client.get("/v1/webhooks/deliveries?status=dead", headers=auth(key)).get_json()["data"],
+                      what="a dead letter")
+    assert [d["job_id"] for d in dead] == [str(gone_job["id"])] and dead[0]["attempts"][0]["status_code"] == 410
+    wait_until(lambda: len(client.get("/v1/webhooks/deliveries?status=delivered", headers=auth(key))
+                           .get_json()["data"]) == 1, what="the other delivered")
+    first = client.get("/v1/webhooks/deliveries?limit=1", headers=auth(key)).get_json()
+    second = client.get(f"/v1/webhooks/deliveries?limit=1&cursor={first['next_cursor']}", headers=auth(key)).get_json()
+    assert len(first["data"]) == len(second["data"]) == 1 and second["next_cursor"] is None
+    assert {first["data"][0]["id"], second["data"][0]["id"]} == {d["id"] for d in
+                                                                 client.get("/v1/webhooks/deliveries",
+                                                                            headers=auth(key)).get_json()["data"]}
+    assert client.get("/v1/webhooks/deliveries?status=lost", headers=auth(key)).status_code == 400
