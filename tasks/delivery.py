@@ -149,7 +149,11 @@ def deliver(pool, settings: Settings, delivery_id: str, attempt: int) -> str:
         webhooks.finish_attempt(pool, delivery_id, attempt, status="dead",
                                 error=f"not sent: the endpoint is disabled ({delivery['disabled_reason']})")
         return "dead"
-    response = send(pool, settings, delivery)
+    try:
+        response = send(pool, settings, delivery)
+    except Exception as exc:  # noqa: BLE001 - a bug must use up attempts like any failure, not loop forever
+        log.exception("webhook %s attempt %d failed inside Switchyard", delivery_id, attempt)
+        response = Response(error=f"internal error: {exc!r}")
     last = delivery["max_attempts"] or len(settings.webhook_retry_schedule) + 1
     status, delay, error = "pending", 0.0, response.error
     if response.ok:

@@ -67,7 +67,7 @@ class Webhook(BaseModel):
     def _safe(cls, v: str, info: ValidationInfo) -> str:
         # Resolves the host and refuses internal addresses; checked again before every delivery.
         ssrf.check_url(v, ssrf.AllowList.parse((info.context or {}).get("webhook_allow", ())))
-        return v
+        return v.strip()
 
     @field_validator("events")
     @classmethod

@@ -13,8 +13,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from tasks import signing, store, webhooks
 from tasks.status import JobStatus
-from tests.webhooks.conftest import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, internal_urls,
-                                     new_job, run_to_end, wait_until)
+from tests.webhooks.conftest import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, finish,
+                                     internal_urls, new_job, run_to_end, wait_until)
 
 pytestmark = pytest.mark.usefixtures("webhook_workers")
 
@@ -41,7 +41,7 @@ def test_events_follow_status_changes_and_subscriptions(db, tenant, receiver):
     assert [r.event["type"] for r in got] == ["job.running", "job.succeeded"]
     assert got[0].event["data"]["status"] == "running" and got[1].event["data"]["status"] == "succeeded"
     assert got[0].id != got[1].id
-    assert not store.finish_job(db, job["id"], 1, JobStatus.SUCCEEDED, result={"text": "again"})  # no new event
+    assert not finish(db, job, JobStatus.SUCCEEDED)  # a duplicate result: no transition, no new event
     # Not subscribed to job.cancelled: no delivery row at all.
     other = new_job(db, t.id, receiver.url(path), events=["job.succeeded"])
     assert store.cancel_job(db, other["id"], t.id)
@@ -240,7 +240,7 @@ def test_ssrf_guard_at_delivery_time(db, tenant, receiver, canary):
 
 def test_jobs_without_a_webhook_make_no_deliveries(db, tenant):
     t, _ = tenant
-    job = store.insert_job(db, tenant_id=t.id, model="m", strategy="round_robin", request={}, metadata={})
+    job = new_job(db, t.id, None)
     run_to_end(db, job)
     assert deliveries(db, job["id"]) == []
 
@@ -251,3 +251,26 @@ def test_webhooks_workers_consume_only_the_webhooks_queue(webhook_settings, webh
     queues = create_celery(webhook_settings).control.inspect(timeout=2).active_queues()
     assert {name: [q["name"] for q in qs] for name, qs in queues.items()} == \
         {f"webhooks@test-{i}": ["webhooks"] for i in range(len(webhook_workers))}
+
+
+def test_an_internal_error_uses_up_an_attempt_instead_of_looping(db, tenant, receiver, webhook_settings, monkeypatch):
+    from tasks import delivery
+
+    t, _ = tenant
+    path = _path()
+    job = new_job(db, t.id, receiver.url(path))
+    with db.connection() as conn, conn.transaction():  # leased: the real dispatchers leave it to this test
+        conn.execute("UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = %s", (job["id"],))
+        conn.execute("UPDATE webhook_deliveries SET lease_until = now() + interval '1 h' WHERE job_id = %s",
+                     (job["id"],))
+    [row] = deliveries(db, job["id"])
+
+    def broken(*args):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(delivery, "send", broken)
+    assert delivery.deliver(db, webhook_settings, str(row["id"]), 1) == "pending"
+    [row] = _settled(db, job["id"])  # attempt 2 by a real worker
+    assert row["status"] == "delivered" and row["attempts"] == 2
+    assert attempts(db, row["id"])[0]["error"] == "internal error: KeyError('bug')"
+    assert [r.id for r in receiver.at(path)] == [str(row["id"])]
