@@ -274,3 +274,17 @@ def test_an_internal_error_uses_up_an_attempt_instead_of_looping(db, tenant, rec
     assert row["status"] == "delivered" and row["attempts"] == 2
     assert attempts(db, row["id"])[0]["error"] == "internal error: KeyError('bug')"
     assert [r.id for r in receiver.at(path)] == [str(row["id"])]
+
+
+def test_job_dead_event_whatever_code_path_sets_it(db, tenant, receiver):
+    """`dead` is set by the delivery-guarantees code (another branch): any UPDATE of the status makes
+    the event, here a plain SQL one."""
+    t, _ = tenant
+    path = _path()
+    job = new_job(db, t.id, receiver.url(path))
+    with db.connection() as conn:
+        conn.execute("""UPDATE jobs SET status = 'dead', finished_at = now(),
+                               error = '{"type": "exhausted", "message": "gave up"}' WHERE id = %s""", (job["id"],))
+    receiver.wait(lambda rs: any(r.path == path for r in rs))
+    [got] = receiver.at(path)
+    assert got.event["type"] == "job.dead" and got.event["data"]["error"]["type"] == "exhausted"
