@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
     from api.nodes import bp as nodes_bp
+    from api.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env().require_urls()
     app = Flask("switchyard")
@@ -64,4 +65,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_bp)
     app.register_blueprint(nodes_bp)
     app.register_blueprint(dead_letters_bp)
+    app.register_blueprint(webhooks_bp)
     return app

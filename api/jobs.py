@@ -113,7 +113,8 @@ def submit():
     body = _parse_body()
     idempotency = _idempotency(body)
     job = JobRequest.model_validate(body, context={
-        "max_tokens_limit": settings.max_tokens_limit, "strategies": ROUTING_STRATEGIES})
+        "max_tokens_limit": settings.max_tokens_limit, "strategies": ROUTING_STRATEGIES,
+        "webhook_allow": settings.webhook_allow})
     model = _check_model(job)
     request_dict = job.model_dump(include={"messages", "prompt"}, exclude_none=True)
     sampling = job.sampling()
@@ -128,7 +129,8 @@ def submit():
             services.pool, tenant_id=g.tenant.id, model=model, strategy=strategy,
             request={**request_dict, **sampling, "max_attempts": max_attempts}, metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
-            affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency)
+            affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,
+            webhook=job.webhook.model_dump() if job.webhook else None)
     except store.IdempotencyConflict as exc:
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
                        "different request body; send the same body to get that job back, or use a new key",

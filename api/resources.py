@@ -1,4 +1,4 @@
-"""How a job row is shown to clients (GET /v1/jobs/{id}, lists, webhooks later)."""
+"""How a job row is shown to clients (GET /v1/jobs/{id}, lists, webhook payloads)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def job_resource(row: dict) -> dict:
         "finished_at": timestamp(row["finished_at"]),
         "request": row["request"],
         "metadata": row["metadata"],
+        "webhook": row.get("webhook"),
         "result": row["result"],
         "error": row["error"],
     }

@@ -1,9 +1,11 @@
 """The local cluster: `python -m ops.cluster up | down | status` (the Makefile's `make up` / `make down`).
 
 `up` starts Postgres and Redis (embedded ones, unless DATABASE_URL / REDIS_URL are set), migrates,
-prepares the model, starts the API (gunicorn), the router, one GPU worker and Flower, then submits a
-few sample jobs and prints the model's answers. State, logs and pid files live in `.switchyard/`, so a
-second `up` reuses everything the first prepared and `down` stops exactly what `up` started.
+prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, a small
+local webhook receiver and Flower, then submits a few sample jobs, prints the model's answers and shows
+the first job's webhook arriving at the receiver, its signature verified. State, logs and pid files live
+in `.switchyard/`, so a second `up` reuses everything the first prepared and `down` stops exactly what
+`up` started.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ VALKEY_PORT = int(os.environ.get("SWITCHYARD_VALKEY_PORT", "56379"))
 API_PORT = int(os.environ.get("SWITCHYARD_API_PORT", "8000"))
 FLOWER_PORT = int(os.environ.get("SWITCHYARD_FLOWER_PORT", "5555"))
 NODE_ID = os.environ.get("SWITCHYARD_NODE_ID", "local-gpu-0")
+RECEIVER_PORT = int(os.environ.get("SWITCHYARD_RECEIVER_PORT", "8899"))
+RECEIVER_URL = f"http://127.0.0.1:{RECEIVER_PORT}/hooks"
+WEBHOOK_SECRET, WEBHOOKS_SEEN = HOME / "webhook-secret", HOME / "webhooks.jsonl"
 
 SAMPLES = [
     {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0},
@@ -107,6 +112,9 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
         "api": [py, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py", "-b", f"127.0.0.1:{API_PORT}", "api.wsgi:app"],
         "router": [py, "-m", "workers.router"],
         "worker": [py, "-m", "workers.gpu"],
+        "webhooks": [py, "-m", "workers.webhooks"],
+        "receiver": [py, "-m", "ops.receiver", "--port", str(RECEIVER_PORT), "--secret-file", str(WEBHOOK_SECRET),
+                     "--out", str(WEBHOOKS_SEEN)],
         "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}", "--address=127.0.0.1"],
     }
 
@@ -116,7 +124,7 @@ def wait_ready(timeout: float = 300) -> None:
     started = time.monotonic()
     last, last_said = "", 0.0
     while time.monotonic() - started < timeout:
-        for name in ("api", "router", "worker"):
+        for name in ("api", "router", "worker", "webhooks", "receiver"):
             if _exited(name):
                 raise SystemExit(f"{name} exited; see {LOGS / f'{name}.log'}")
         try:
@@ -146,8 +154,9 @@ def _call(method: str, path: str, key: str, body: dict | None = None) -> dict:
 
 
 def run_samples(key: str) -> None:
-    say(f"submitting {len(SAMPLES)} sample jobs")
-    jobs = [(_call("POST", "/v1/jobs", key, s), s) for s in SAMPLES]
+    say(f"submitting {len(SAMPLES)} sample jobs (the first with a webhook to {RECEIVER_URL})")
+    hook = {"url": RECEIVER_URL, "events": ["job.succeeded", "job.failed", "job.cancelled", "job.dead"]}
+    jobs = [(_call("POST", "/v1/jobs", key, {**s, "webhook": hook} if i == 0 else s), s) for i, s in enumerate(SAMPLES)]
     for job, sample in jobs:
         done = _call("GET", f"/v1/jobs/{job['id']}?wait=60", key)
         question = sample.get("prompt") or sample["messages"][-1]["content"]
@@ -161,6 +170,28 @@ def run_samples(key: str) -> None:
         else:
             print(f"  !! job {done['id']} is {done['status']}: {done.get('error')}")
     print()
+    show_webhook(key, jobs[0][0]["id"])
+
+
+def show_webhook(key: str, job_id: str, timeout: float = 30) -> None:
+    """Wait for the first job's webhook at the local receiver, and show it with its delivery log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = WEBHOOKS_SEEN.read_text().splitlines() if WEBHOOKS_SEEN.exists() else []
+        arrived = [json.loads(line) for line in lines if json.loads(line)["job_id"] == job_id]
+        if arrived:
+            event = arrived[-1]
+            [delivery] = [d for d in _call("GET", f"/v1/jobs/{job_id}/deliveries", key)["data"]
+                          if d["id"] == event["webhook_id"]]
+            attempt = delivery["attempts"][-1]
+            print(f"  webhook {event['type']} for job {job_id} arrived at {RECEIVER_URL}")
+            print(f"     (webhook-id {event['webhook_id']}, signature verified with standardwebhooks; "
+                  f"delivery {delivery['status']} on attempt {delivery['attempt_count']}: "
+                  f"HTTP {attempt['status_code']} in {attempt['latency_ms']:.0f} ms)\n")
+            return
+        time.sleep(0.5)
+    print(f"  !! no webhook for job {job_id} after {timeout:.0f} s; see {LOGS / 'webhooks.log'} and "
+          f"GET /v1/jobs/{job_id}/deliveries\n")
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -178,15 +209,22 @@ def up(args) -> None:
     key = demo_key(urls["DATABASE_URL"])
     prepare(log=say)
     env = {**os.environ, **urls, "HF_HUB_OFFLINE": "1", "SWITCHYARD_NODE_ID": NODE_ID, "PYTHONUNBUFFERED": "1"}
+    # The local receiver is on loopback, which the SSRF guard refuses unless it is allow-listed.
+    allow = [a for a in env.get("SWITCHYARD_WEBHOOK_ALLOW", "").split(",") if a.strip()]
+    env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*allow, f"127.0.0.1:{RECEIVER_PORT}"])
     (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
     for name, argv in processes(env).items():
         spawn(name, argv, env)
     wait_ready()
+    # The receiver verifies signatures with the demo tenant's secret (read on each request).
+    WEBHOOK_SECRET.write_text(_call("GET", "/v1/webhooks/secret", key)["secret"])
+    WEBHOOK_SECRET.chmod(0o600)
     if not args.no_samples:
         run_samples(key)
     say(f"up in {time.monotonic() - started:.0f} s")
     say(f"API     http://127.0.0.1:{API_PORT}   (try: curl http://127.0.0.1:{API_PORT}/readyz)")
     say(f"Flower  http://127.0.0.1:{FLOWER_PORT}")
+    say(f"Webhook receiver {RECEIVER_URL}   (events in {WEBHOOKS_SEEN}; log {LOGS / 'receiver.log'})")
     say(f"API key {key}   (also in {HOME / 'demo-api-key'}; URLs in {HOME / 'env'})")
     say("stop everything with: make down")
 
@@ -209,7 +247,7 @@ def _stop_pid(name: str, pid: int) -> None:
 def down(_args) -> None:
     from ops.services import EmbeddedPostgres, EmbeddedValkey
 
-    for name in ("flower", "api", "router", "worker"):
+    for name in ("receiver", "webhooks", "flower", "api", "router", "worker"):
         pid = _pid(name)
         if pid:
             _stop_pid(name, pid)
@@ -223,7 +261,7 @@ def down(_args) -> None:
 
 
 def status(_args) -> None:
-    for name in ("api", "router", "worker", "flower"):
+    for name in ("api", "router", "worker", "webhooks", "receiver", "flower"):
         pid = _pid(name)
         say(f"{name}: {'running (pid %d)' % pid if pid else 'stopped'}")
 

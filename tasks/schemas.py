@@ -6,6 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tasks import ssrf
+from tasks.webhooks import DEFAULT_EVENTS, EVENTS
+
 
 
 def _storable(value: str) -> str:
@@ -53,6 +56,27 @@ class Routing(BaseModel):
         return v
 
 
+class Webhook(BaseModel):
+    """Where and for which events to POST the job (Standard Webhooks, signed with the tenant's secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Text = Field(max_length=2048)
+    events: list[Literal[EVENTS]] = Field(default_factory=lambda: list(DEFAULT_EVENTS), min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _safe(cls, v: str, info: ValidationInfo) -> str:
+        # Resolves the host and refuses internal addresses; checked again before every delivery.
+        ssrf.check_url(v, ssrf.AllowList.parse((info.context or {}).get("webhook_allow", ())))
+        return v.strip()
+
+    @field_validator("events")
+    @classmethod
+    def _dedupe(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
 class JobRequest(BaseModel):
     """Body of POST /v1/jobs. Give exactly one of `messages` (chat) or `prompt` (plain completion)."""
 
@@ -69,6 +93,7 @@ class JobRequest(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=20)  # default: settings.max_attempts
     routing: Routing | None = None
     metadata: dict[Text, Text | int | float | bool | None] = Field(default_factory=dict, max_length=32)
+    webhook: Webhook | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -6,13 +6,16 @@ here. Nothing in this module reads the environment at import time: call `Setting
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROUTING_STRATEGIES = ("round_robin", "least_connections", "weighted_response_time", "prefix_affinity")
 
@@ -81,6 +84,43 @@ class Settings(BaseSettings):
 
     # Idempotency-Key lifetime.
     idempotency_ttl: int = Field(86_400, ge=60)
+
+    # Webhooks. Lists are comma-separated in the environment (or JSON lists).
+    # SSRF allow-list: CIDRs (any port) or host:port; empty (the production default) denies every
+    # non-public address. e.g. "127.0.0.1:9000" for a local receiver.
+    webhook_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    webhook_timeout: float = Field(10.0, gt=0)  # connect, and each read of the answer
+    # Seconds before each retry (attempt 2, 3, ...): x4 each time, capped at 12 h; 9 attempts over ~27 h.
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = (10, 40, 160, 640, 2560, 10240, 40960,
+                                                                     43200)
+    webhook_retry_jitter: float = Field(0.2, ge=0, lt=1)  # each delay is scaled by 1 ± this, at random
+    webhook_secret_overlap: int = Field(86400, ge=0)  # seconds the old secret still signs after a rotation
+    webhook_concurrency: int = Field(16, ge=1)  # deliveries sent at once by one webhooks worker
+    webhook_sweep_interval: float = Field(1.0, gt=0)  # seconds between sweeps for due deliveries
+    webhook_dispatch_lease: float = Field(300.0, gt=0)  # a dispatched delivery is not dispatched again before
+
+    @field_validator("webhook_allow", "webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            v = v.strip()
+            return json.loads(v) if v.startswith("[") else [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _parse_allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from tasks.ssrf import AllowList
+
+        AllowList.parse(v)  # raises ValueError naming the bad entry
+        return v
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError("must be one or more positive numbers of seconds")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

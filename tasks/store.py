@@ -77,7 +77,7 @@ class IdempotencyConflict(Exception):
 
 def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
                max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
-               idempotency: tuple[str, bytes, int] | None = None) -> tuple[dict, bool]:
+               idempotency: tuple[str, bytes, int] | None = None, webhook: dict | None = None) -> tuple[dict, bool]:
     """Insert a queued job; returns (row, created).
 
     With `idempotency` = (key, request digest, ttl seconds), a live key returns the job it created
@@ -89,10 +89,10 @@ def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, re
         with conn.transaction():
             row = conn.execute(
                 """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata,
-                                     max_attempts, session_id, affinity_key)
-                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
+                                     max_attempts, session_id, affinity_key, webhook)
+                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
                 (job_id, tenant_id, model, strategy, Jsonb(request), Jsonb(metadata), max_attempts,
-                 session_id, affinity_key),
+                 session_id, affinity_key, Jsonb(webhook) if webhook is not None else None),
             ).fetchone()
             if idempotency is None:
                 return row, True

@@ -1,0 +1,98 @@
+"""Webhooks worker entry point: `python -m workers.webhooks`.
+
+A Celery worker on the `webhooks` queue only (never on a GPU worker: a slow receiver must not hold an
+engine's slot), with the threads pool since sending is network-bound, plus the dispatcher thread that
+puts due deliveries on that queue. Run as many as you like: dispatchers lease rows with
+FOR UPDATE SKIP LOCKED, and each attempt is fenced by its number, so nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+from celery.signals import worker_shutting_down
+
+from tasks import webhooks
+from tasks.celery_app import create_celery
+from tasks.delivery import DELIVER_TASK, QUEUE  # also registers the deliver task
+from tasks.db import make_pool
+from tasks.settings import Settings
+
+log = logging.getLogger("workers.webhooks")
+
+
+class Dispatcher(threading.Thread):
+    """Enqueues due deliveries: woken by the trigger's NOTIFY at commit, and sweeping every
+    `webhook_sweep_interval` seconds for retries that came due and anything a NOTIFY missed (a
+    dispatcher that was down, a crash between commit and enqueue)."""
+
+    batch = 500
+    coalesce = 0.005  # seconds
+    queue_limit = 2000  # messages waiting on the `webhooks` queue, beyond which nothing more is dispatched
+
+    def __init__(self, app, stop: threading.Event):
+        super().__init__(name="webhook-dispatcher", daemon=True)
+        self.app, self.settings, self.stop = app, app.settings, stop
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {webhooks.NOTIFY_CHANNEL}")
+                    while not self.stop.is_set():
+                        self.dispatch_due()
+                        self.wait(conn)
+            except Exception:  # noqa: BLE001 - Postgres or Redis away: keep trying, the rows wait
+                log.exception("webhook dispatcher failed; retrying in 1 s")
+                self.stop.wait(1)
+
+    def wait(self, conn) -> None:
+        """Until a NOTIFY or the next sweep; then a few ms more, so a burst of commits is one claim."""
+        woken = any(True for _ in conn.notifies(timeout=self.settings.webhook_sweep_interval, stop_after=1))
+        if woken:
+            for _ in conn.notifies(timeout=self.coalesce):
+                pass
+
+    def dispatch_due(self) -> int:
+        sent = 0
+        while True:
+            # Back-pressure: a backlog longer than the lease would only be dispatched again.
+            room = min(self.batch, self.queue_limit - self.app.redis.llen(QUEUE))
+            if room <= 0:
+                return sent
+            rows = webhooks.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease)
+            for i, row in enumerate(rows):
+                try:
+                    self.app.send_task(DELIVER_TASK, args=[str(row["id"]), row["attempts"] + 1], queue=QUEUE)
+                except Exception:
+                    webhooks.release(self.app.db, [r["id"] for r in rows[i:]])
+                    raise
+            sent += len(rows)
+            if len(rows) < room:
+                return sent
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env().require_urls()
+    app = create_celery(settings)
+    app.db = make_pool(settings.database_url, max_size=settings.webhook_concurrency + 2, name="webhooks")
+    stop = threading.Event()
+    worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+    Dispatcher(app, stop).start()
+    try:
+        app.Worker(
+            hostname=f"webhooks@{settings.node_id}",
+            queues=[QUEUE],
+            pool="threads",
+            concurrency=settings.webhook_concurrency,
+            loglevel="INFO",
+        ).start()
+    finally:
+        stop.set()
+
+
+if __name__ == "__main__":
+    main()
