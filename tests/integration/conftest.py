@@ -13,7 +13,7 @@ import requests
 
 from ops.services import free_port
 from tasks import store
-from tests.harness import Processes
+from ops.testbed import Processes
 
 NODE_ID = "test-gpu-0"
 

@@ -1,7 +1,8 @@
-"""Running the system as real processes in tests: API (gunicorn), routers (with their reconciler) and GPU
-workers, over a Postgres database and a Redis server of the test's own.
+"""A testbed: the system as real processes (API under gunicorn, routers with their reconciler, GPU
+workers) over a Postgres database and a Redis server of the caller's own, for the fault and routing
+tests and for the routing benchmark.
 
-`Cluster` workers use the real vLLM engine or, for orchestration tests (routing, failover, queue
+`Cluster` workers use the real vLLM engine or, for orchestration work (routing, failover, queue
 overhead), the SimulatedEngine (SWITCHYARD_ENGINE=simulated) at a chosen speed.
 """
 
