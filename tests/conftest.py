@@ -69,7 +69,7 @@ def job_count(pool, tenant_id=None) -> int:
 
 @pytest.fixture
 def make_cluster(backing, model_path, tmp_path):
-    """Factory for a `tests.harness.Cluster` with its own database (on the session's Postgres) and its
+    """Factory for a `ops.testbed.Cluster` with its own database (on the session's Postgres) and its
     own Valkey server, so its reconciler sees only its own jobs and nodes."""
     from ops.testbed import Cluster, fresh_database
 
