@@ -27,11 +27,16 @@ def _drain(node_id: str, draining: bool):
         raise ApiError(403, "Forbidden", "draining nodes needs an admin API key (`python -m ops.admin create-tenant "
                        "NAME --admin`)")
     redis = current_app.extensions["switchyard"].redis
-    node = next((n for n in registry.live_nodes(redis) if n["id"] == node_id), None)
-    if node is None:
+
+    def find():
+        return next((n for n in registry.live_nodes(redis) if n["id"] == node_id), None)
+
+    if find() is None:
         raise ApiError(404, "Not Found", f"no live node {node_id!r}; GET /v1/nodes lists them")
     registry.set_drain(redis, node_id, draining)
-    node["draining"] = draining or node.get("draining", False)
+    node = find()
+    if node is None:
+        raise ApiError(404, "Not Found", f"node {node_id!r} left meanwhile")
     return jsonify(_node_resource(node))
 
 

@@ -68,6 +68,7 @@ def create_celery(settings: Settings) -> SwitchyardCelery:
         task_create_missing_queues=True,
         # One visibility timeout for everything: longer than the longest job (checked in Settings).
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,

@@ -23,6 +23,7 @@ def test_celery_reliability_settings():
     conf = create_celery(settings).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.broker_transport_options["visibility_timeout"] == settings.visibility_timeout > settings.job_timeout
+    assert conf.result_backend_transport_options["visibility_timeout"] == settings.visibility_timeout
     # The GPU worker's prefetch covers every batch that may generate at once plus one being buffered.
     assert settings.prefetch_count >= settings.batch_size * (settings.batch_concurrency + 1)
     assert math.ceil(settings.prefetch_count / settings.batch_concurrency) * settings.batch_concurrency \
@@ -50,3 +51,16 @@ def test_importing_the_packages_loads_no_model_and_opens_no_connection():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] []"
+
+
+def test_the_embedded_broker_keeps_every_message(redis):
+    """The Valkey that `make up` and the tests start: AOF on, and never evict (a dropped key is a lost job)."""
+    assert redis.config_get("appendonly")["appendonly"] == "yes"
+    assert redis.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+
+def test_a_drifted_configuration_is_refused():
+    with pytest.raises(ValidationError, match="heartbeat_ttl"):
+        Settings(heartbeat_interval=5, heartbeat_ttl=4)
+    with pytest.raises(ValidationError, match="default_strategy"):
+        Settings(default_strategy="random")
