@@ -61,10 +61,14 @@ class Reconciler:
         if not redis.set(_LOCK_KEY, s.node_id, nx=True, px=int(max(1.0, s.reconcile_interval) * 1000)):
             return {}
         self.sweeps += 1
-        live = {n["id"] for n in registry.live_nodes(redis)}
+        nodes = registry.live_nodes(redis)
+        live = {n["id"] for n in nodes}
         counts = {"rerouted": 0, "dead": 0, "republished": 0}
 
-        orphans = store.jobs_on_nodes_not_in(pool, sorted(live)) if time.monotonic() >= self.trust_heartbeats_after else []
+        # A job waiting on a shared pull queue (a `pull:` pseudo node) is not an orphan while a live node
+        # consumes that queue.
+        owners = live | {p for n in nodes for p in n.get("pulls", ())}
+        orphans = store.jobs_on_nodes_not_in(pool, sorted(owners)) if time.monotonic() >= self.trust_heartbeats_after else []
         for job in orphans:
             self._retry(job, {"type": "worker_lost",
                               "message": f"node {job['node_id']} stopped heartbeating with the job {job['status']}"},

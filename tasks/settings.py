@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # ends, so this bounds how many separately-arriving jobs can join the running engine.
     batch_concurrency: int = Field(32, ge=1)
     max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
+    # Shared pull queues, for the routing benchmark's baseline (ops/bench.py), not a routing strategy:
+    # for each name this worker also consumes node.pull:<name>, and a job sent there (routed to the
+    # pseudo node `pull:<name>`, see store.start_jobs) runs on whichever consumer takes it first. Not for
+    # production: messages a puller had prefetched when it died wait for Redis's visibility timeout.
+    pull_queues: Annotated[tuple[str, ...], NoDecode] = ()
     kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
     enforce_eager: bool = True
     heartbeat_interval: float = Field(2.0, gt=0)
@@ -99,7 +104,7 @@ class Settings(BaseSettings):
     webhook_sweep_interval: float = Field(1.0, gt=0)  # seconds between sweeps for due deliveries
     webhook_dispatch_lease: float = Field(300.0, gt=0)  # a dispatched delivery is not dispatched again before
 
-    @field_validator("webhook_allow", "webhook_retry_schedule", mode="before")
+    @field_validator("webhook_allow", "webhook_retry_schedule", "pull_queues", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):

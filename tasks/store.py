@@ -179,18 +179,31 @@ def mark_routed(pool: ConnectionPool, job_id, attempt: int, node_id: str) -> dic
         ).fetchone()
 
 
+#: Pseudo node ids of shared pull queues (settings.pull_queues, the routing benchmark's baseline): a job
+#: routed to `pull:<name>` waits on queue node.pull:<name> for whichever worker consuming it is free.
+PULL_PREFIX = "pull:"
+
+
+def pull_node_id(name: str) -> str:
+    return PULL_PREFIX + name
+
+
 def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str) -> list[dict]:
-    """routed → running for a batch; returns only the jobs this node may run (not cancelled, not stale)."""
+    """routed → running for a batch; returns only the jobs this node may run (not cancelled, not stale).
+
+    A job routed to a shared pull queue (a `pull:` pseudo node) is claimed by the node that starts it:
+    only workers consuming that queue receive its message, and the attempt fences stale copies."""
     if not items:
         return []
     ids, attempts = zip(*items)
     with pool.connection() as conn:
         return conn.execute(
-            """UPDATE jobs j SET status = 'running', started_at = now()
+            """UPDATE jobs j SET status = 'running', started_at = now(), node_id = %s
                  FROM unnest(%s::uuid[], %s::int[]) AS t(id, attempt)
-                WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed' AND j.node_id = %s
+                WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed'
+                  AND (j.node_id = %s OR starts_with(j.node_id, %s))
             RETURNING j.id, j.attempt, j.model, j.request""",
-            (list(ids), list(attempts), node_id),
+            (node_id, list(ids), list(attempts), node_id, PULL_PREFIX),
         ).fetchall()
 
 

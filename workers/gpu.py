@@ -59,6 +59,7 @@ def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: thread
                 "supports_seed": engine.supports_seed,
                 "draining": draining.is_set(),
                 "pid": os.getpid(),
+                "pulls": [store.pull_node_id(q) for q in settings.pull_queues],  # the reconciler reads it
             }, settings.heartbeat_ttl)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the heartbeats for good
             failing = True
@@ -124,7 +125,9 @@ def main() -> None:
     try:
         worker = app.Worker(
             hostname=f"gpu@{settings.node_id}",
-            queues=[registry.node_queue(settings.node_id)],
+            # plus any shared pull queues (settings.pull_queues: the routing benchmark's baseline)
+            queues=[registry.node_queue(settings.node_id),
+                    *(registry.node_queue(store.pull_node_id(q)) for q in settings.pull_queues)],
             pool="threads",
             concurrency=settings.batch_concurrency,
             # prefetch = multiplier x concurrency; acks are late, so it must cover every batch in flight.
