@@ -73,9 +73,13 @@ def test_sigterm_lets_in_flight_jobs_finish_and_hands_back_the_backlog(make_clus
                       backlog_at_sigterm=len(backlog))
     assert exit_code == 0
     assert Counter(r["status"] for r in rows) == {"succeeded": 400} and outcomes["succeeded"] == 400
-    # What was generating finished where it was, on its first attempt; the backlog moved to node-a.
+    # What was generating finished where it was, on its first attempt. The backlog either ran on node-b
+    # while it drained (messages it had already taken) or was handed to node-a once node-b left.
     assert all(by_id[i]["node_id"] == "node-b" and by_id[i]["attempt"] == 1 for i in running)
-    assert len(backlog) > 0 and all(by_id[i]["node_id"] == "node-a" for i in backlog)
+    moved = [i for i in backlog if by_id[i]["node_id"] == "node-a"]
+    assert len(backlog) > 0 and moved, "node-b's backlog should have moved to node-a"
+    assert all(by_id[i]["node_id"] == "node-b" and by_id[i]["attempt"] == 1 for i in set(backlog) - set(moved))
+    print(f"SIGTERM: {len(backlog) - len(moved)} of node-b's backlog ran while it drained, {len(moved)} moved")
     assert cluster.redis.hlen("unacked") == 0  # nothing left unacknowledged in the broker
 
 
