@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from api.auth import authenticate
 from api.errors import ApiError
+from api.paging import limit_arg
 from api.resources import timestamp
 from tasks import store
 from tasks.router import publish
@@ -38,12 +39,7 @@ def dead_letter_resource(row: dict) -> dict:
 
 @bp.get("")
 def list_():
-    try:
-        limit = int(request.args.get("limit", "100"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise ApiError(400, "Invalid limit", "`limit` must be an integer between 1 and 1000")
+    limit = limit_arg(default=100, maximum=1000)
     include_replayed = request.args.get("include_replayed", "false").lower() in ("1", "true", "yes")
     rows = store.list_dead_letters(current_app.extensions["switchyard"].pool, _scope(), limit=limit,
                                    include_replayed=include_replayed)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
 import uuid
-from datetime import datetime
 
 import redis
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
 from api.auth import authenticate
 from api.errors import ApiError
+from api.paging import cursor_arg, limit_arg, page_response, status_arg
 from api.resources import job_resource
 from tasks import notify, registry, store
 from tasks.prompting import prompt_token_ids
@@ -184,35 +183,12 @@ def get(job_id: uuid.UUID):
     return jsonify(job_resource(row))
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        ts, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(ts), uuid.UUID(job_id)
-    except Exception:  # noqa: BLE001 - any garbage is the same client error
-        raise ApiError(400, "Invalid cursor", "`cursor` must be the `next_cursor` of a previous page") from None
-
-
-def _encode_cursor(row: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps([row["created_at"].isoformat(), str(row["id"])]).encode()).decode()
-
-
 @bp.get("")
 def list_():
-    status = request.args.get("status")
-    if status is not None and status not in {s.value for s in JobStatus}:
-        raise ApiError(400, "Invalid status", f"`status` must be one of {', '.join(s.value for s in JobStatus)}")
-    try:
-        limit = int(request.args.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise ApiError(400, "Invalid limit", "`limit` must be an integer between 1 and 100")
-    cursor = request.args.get("cursor")
-    rows = store.list_jobs(_services().pool, g.tenant.id, limit=limit + 1, status=status,
-                           after=_decode_cursor(cursor) if cursor else None)
-    page, more = rows[:limit], len(rows) > limit
-    return jsonify(object="list", data=[job_resource(r) for r in page],
-                   next_cursor=_encode_cursor(page[-1]) if more else None)
+    limit = limit_arg()
+    rows = store.list_jobs(_services().pool, g.tenant.id, limit=limit + 1,
+                           status=status_arg([s.value for s in JobStatus]), after=cursor_arg())
+    return page_response(rows, limit, job_resource)
 
 
 @bp.post("/<uuid:job_id>/cancel")

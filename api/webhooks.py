@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_errors
-from api.jobs import _decode_cursor as decode_cursor, _encode_cursor as encode_cursor  # one cursor format
+from api.paging import cursor_arg, limit_arg, page_response, status_arg
 from tasks import store, webhooks
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
@@ -133,21 +133,10 @@ def _job(job_id: uuid.UUID) -> dict:
 @bp.get("/webhooks/deliveries")
 def list_all_deliveries():
     """Every delivery of the tenant, newest first; `?status=dead` lists the dead letters."""
-    status = request.args.get("status")
-    if status is not None and status not in webhooks.DELIVERY_STATUSES:
-        raise ApiError(400, "Invalid status", f"`status` must be one of {', '.join(webhooks.DELIVERY_STATUSES)}")
-    try:
-        limit = int(request.args.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise ApiError(400, "Invalid limit", "`limit` must be an integer between 1 and 100")
-    cursor = request.args.get("cursor")
-    rows = webhooks.list_deliveries(_services().pool, g.tenant.id, limit=limit + 1, status=status,
-                                    after=decode_cursor(cursor) if cursor else None)
-    page, more = rows[:limit], len(rows) > limit
-    return jsonify(object="list", data=[delivery_resource(r) for r in page],
-                   next_cursor=encode_cursor(page[-1]) if more else None)
+    limit = limit_arg()
+    rows = webhooks.list_deliveries(_services().pool, g.tenant.id, limit=limit + 1,
+                                    status=status_arg(webhooks.DELIVERY_STATUSES), after=cursor_arg())
+    return page_response(rows, limit, delivery_resource)
 
 
 @bp.get("/jobs/<uuid:job_id>/deliveries")
