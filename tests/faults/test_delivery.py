@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tasks import store
@@ -118,44 +119,27 @@ def _check_refusals(refused: list[requests.Response]) -> None:
         assert response.headers["Retry-After"] and response.headers["Content-Type"] == "application/problem+json"
 
 
-def test_redis_restart_mid_run(make_cluster):
-    cluster, http = _api_cluster(make_cluster)
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+def test_backing_service_restart_mid_run(make_cluster, service):
+    cluster, http = _api_cluster(make_cluster, own_postgres=service == "postgres")
+    server = cluster.valkey if service == "redis" else cluster.postgres
     down: dict[str, float] = {}
 
     def outage():
-        cluster.valkey.stop()
+        server.stop()
         down["at"] = time.time()
-        time.sleep(4)
-        cluster.valkey.start()
+        time.sleep(8)  # longer than the API's 5 s wait for a Postgres connection
+        server.start()
         down["back"] = time.time()
 
     accepted, refused = _submit_through_outage(cluster, http, outage)
     rows = cluster.wait_terminal(accepted, timeout=240)
     recovered = max(r["finished_at"].timestamp() for r in rows) - down["back"]
-    report("Redis restart", cluster, accepted, rows, refused_503=len(refused), recover_s=f"{recovered:.1f}")
+    report(f"{service} restart", cluster, accepted, rows, refused_503=len(refused), recover_s=f"{recovered:.1f}")
     _check_refusals(refused)
     assert Counter(r["status"] for r in rows) == {"succeeded": len(accepted)}
     with cluster.db.connection() as conn:  # a refused submission left nothing behind
         assert conn.execute("SELECT count(*) AS n FROM jobs").fetchone()["n"] == len(accepted)
-
-
-def test_postgres_restart_mid_run(make_cluster):
-    cluster, http = _api_cluster(make_cluster, own_postgres=True)
-    down: dict[str, float] = {}
-
-    def outage():
-        cluster.postgres.stop(mode="fast")
-        down["at"] = time.time()
-        time.sleep(8)  # longer than the API's 5 s wait for a connection
-        cluster.postgres.start()
-        down["back"] = time.time()
-
-    accepted, refused = _submit_through_outage(cluster, http, outage)
-    rows = cluster.wait_terminal(accepted, timeout=240)
-    recovered = max(r["finished_at"].timestamp() for r in rows) - down["back"]
-    report("Postgres restart", cluster, accepted, rows, refused_503=len(refused), recover_s=f"{recovered:.1f}")
-    _check_refusals(refused)
-    assert Counter(r["status"] for r in rows) == {"succeeded": len(accepted)}
 
 
 def test_poison_job_goes_dead_and_spares_the_rest(make_cluster):
