@@ -91,3 +91,21 @@ def test_a_cooling_node_is_out_of_rotation_until_a_success(api_redis):
     assert registry.routable(next(n for n in registry.live_nodes(api_redis) if n["id"] == "gpu-8"))
     registry.heartbeat(api_redis, {"id": "gpu-8", "models": ["m"], "engine_state": "dead"}, ttl=30)
     assert not registry.routable(next(n for n in registry.live_nodes(api_redis) if n["id"] == "gpu-8"))
+
+
+def test_replay_cli_requeues_dead_letters_in_bulk(api_settings, api_redis, db, tenant):
+    import os
+    import subprocess
+    import sys
+
+    t, key = tenant
+    job, _ = store.insert_job(db, tenant_id=t.id, model="m", strategy="round_robin",
+                              request={"prompt": "x", "max_attempts": 1}, metadata={}, max_attempts=1)
+    store.mark_routed(db, job["id"], 1, "n1")
+    store.start_jobs(db, [(job["id"], 1)], "n1")
+    store.retry_job(db, job["id"], 1, {"type": "engine_dead", "message": "boom"})
+    env = {**os.environ, "DATABASE_URL": api_settings.database_url, "REDIS_URL": api_settings.redis_url}
+    out = subprocess.run([sys.executable, "-m", "ops.admin", "replay-dead-letters", "--reason", "engine_dead"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert f"job {job['id']} re-queued as attempt 2" in out
+    assert store.get_job(db, job["id"])["status"] == "queued" and queued_messages(api_redis) >= 1
