@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from ops.services import free_port
+from ops.services import EmbeddedValkey, free_port
 from tasks import store
-from ops.testbed import Processes
+from ops.testbed import Processes, fresh_database
+from tasks.db import make_pool
 
 NODE_ID = "test-gpu-0"
 
@@ -39,13 +40,18 @@ class Stack(Processes):
         raise RuntimeError(f"stack not ready after {timeout} s:\n{self.log('worker')}")
 
 
-@pytest.fixture(scope="session")
-def stack(base_settings, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("stack-logs")
-    env = {**os.environ, "DATABASE_URL": base_settings.database_url, "REDIS_URL": base_settings.redis_url,
+@pytest.fixture(scope="package")
+def stack(backing, base_settings, tmp_path_factory):
+    """Package-scoped, with its own database and Valkey: its router's reconciler must not take other
+    tests' jobs (routed to made-up nodes) for orphans, and it is gone before the next package runs."""
+    pg, _ = backing
+    root = tmp_path_factory.mktemp("stack")
+    valkey = EmbeddedValkey(root / "valkey", free_port()).start()
+    env = {**os.environ, "DATABASE_URL": fresh_database(pg.url), "REDIS_URL": valkey.url,
            "SWITCHYARD_MODEL_PATH": str(base_settings.resolved_model_path), "SWITCHYARD_NODE_ID": NODE_ID,
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "FLOWER_UNAUTHENTICATED_API": "1"}
-    s = Stack(log_dir, env)
+    (root / "logs").mkdir()
+    s = Stack(root / "logs", env)
     py = sys.executable
     s.start("worker", [py, "-m", "workers.gpu"])
     s.start("router", [py, "-m", "workers.router"])
@@ -58,14 +64,16 @@ def stack(base_settings, tmp_path_factory):
         yield s
     finally:
         s.stop()
+        valkey.stop()
 
 
-@pytest.fixture(scope="session")
-def api_key(stack, db):
-    return store.create_tenant(db, "integration")[1]
+@pytest.fixture(scope="package")
+def api_key(stack):
+    with make_pool(stack.env["DATABASE_URL"], max_size=1, name="integration") as pool:
+        return store.create_tenant(pool, "integration")[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def http(api_key):
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {api_key}"

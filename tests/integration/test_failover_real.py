@@ -18,7 +18,7 @@ def live(stack, http) -> dict[str, dict]:
     return {n["id"]: n for n in http.get(f"{stack.api}/v1/nodes", timeout=10).json()["data"]}
 
 
-def test_sigkill_a_real_vllm_node_mid_generation(stack, http, db):
+def test_sigkill_a_real_vllm_node_mid_generation(stack, http):
     stack.start(SECOND, [sys.executable, "-m", "workers.gpu"], SWITCHYARD_NODE_ID=SECOND)
     deadline = time.monotonic() + 240
     while not live(stack, http).get(SECOND, {}).get("routable"):
