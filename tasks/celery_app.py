@@ -42,7 +42,8 @@ class SwitchyardCelery(Celery):
 
         A consumer's unacked messages are only restored by Redis's transport after the visibility
         timeout (an hour, since jobs are acked late). Nodes and routers call this after they lose
-        their broker connection: the messages their old connection had taken are delivered again at once. A copy of a message still in hand is harmless: jobs start only
+        their broker connection: the messages their old connection had taken are delivered again at once.
+        A copy of a message still in hand is harmless: jobs start only
         through a conditional update, so one copy runs and the other is skipped."""
         restored = 0
         with self.connection_for_write() as conn:

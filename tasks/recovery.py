@@ -68,11 +68,11 @@ class Reconciler:
         # A job waiting on a shared pull queue (a `pull:` pseudo node) is not an orphan while a live node
         # consumes that queue.
         owners = live | {p for n in nodes for p in n.get("pulls", ())}
-        orphans = store.jobs_on_nodes_not_in(pool, sorted(owners)) if time.monotonic() >= self.trust_heartbeats_after else []
+        trusted = time.monotonic() >= self.trust_heartbeats_after
+        orphans = store.jobs_on_nodes_not_in(pool, sorted(owners)) if trusted else []
         for job in orphans:
-            self._retry(job, {"type": "worker_lost",
-                              "message": f"node {job['node_id']} stopped heartbeating with the job {job['status']}"},
-                        counts)
+            message = f"node {job['node_id']} stopped heartbeating with the job {job['status']}"
+            self._retry(job, {"type": "worker_lost", "message": message}, counts)
         for node_id in {j["node_id"] for j in orphans}:
             registry.forget_node(redis, node_id)
 

@@ -9,8 +9,9 @@ script), so several router processes together behave like one:
   seconds per job, so a node 3× faster takes about 3× the work.
 - prefix_affinity: consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018)
   on the job's affinity key (its session id, else a digest of its prompt prefix): the first node on
-  the hash ring whose outstanding count stays within c × the average (or a small floor); follow-up turns reuse that node's
-  vLLM prefix cache, and a hot session spills over instead of piling onto one node.
+  the hash ring whose outstanding count stays within c × the average (or a small floor); follow-up
+  turns reuse that node's vLLM prefix cache, and a hot session spills over instead of piling onto
+  one node.
 
 Every strategy adds the job to the chosen node's assigned set in the same step.
 """
@@ -101,7 +102,8 @@ def _least(redis, nodes: list[dict], member: str, weights: list[float]) -> dict:
     # ahead of the rest whenever counts are level, giving it more than its share of the work.
     order = random.sample(range(len(nodes)), len(nodes))
     script = redis.register_script(_LEAST_SCORE)
-    index = script(keys=[registry.assigned_key(nodes[i]["id"]) for i in order], args=[member, *(weights[i] for i in order)])
+    index = script(keys=[registry.assigned_key(nodes[i]["id"]) for i in order],
+                   args=[member, *(weights[i] for i in order)])
     return nodes[order[int(index)]]
 
 

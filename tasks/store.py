@@ -77,7 +77,8 @@ class IdempotencyConflict(Exception):
 
 def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
                max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
-               idempotency: tuple[str, bytes, int] | None = None, webhook: dict | None = None) -> tuple[dict, bool]:
+               idempotency: tuple[str, bytes, int] | None = None,
+               webhook: dict | None = None) -> tuple[dict, bool]:
     """Insert a queued job; returns (row, created).
 
     With `idempotency` = (key, request digest, ttl seconds), a live key returns the job it created
