@@ -161,9 +161,10 @@ def _wait_seconds() -> float:
     return wait
 
 
-def _load(job_id: uuid.UUID) -> dict:
+def load_job(job_id: uuid.UUID) -> dict:
+    """The caller's job, or 404 (another tenant's job looks exactly like a missing one)."""
     row = store.get_job(_services().pool, job_id, g.tenant.id)
-    if row is None:  # another tenant's job looks exactly like a missing one
+    if row is None:
         raise ApiError(404, "Not Found", f"no job {job_id}")
     return row
 
@@ -171,15 +172,15 @@ def _load(job_id: uuid.UUID) -> dict:
 @bp.get("/<uuid:job_id>")
 def get(job_id: uuid.UUID):
     wait = _wait_seconds()
-    row = _load(job_id)
+    row = load_job(job_id)
     if wait and not JobStatus(row["status"]).is_terminal:
         deadline = time.monotonic() + wait
         with _services().waiter.watch(str(job_id)) as finished:
-            row = _load(job_id)
+            row = load_job(job_id)
             while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
                 finished.wait(left)
                 finished.clear()
-                row = _load(job_id)
+                row = load_job(job_id)
     return jsonify(job_resource(row))
 
 
@@ -196,7 +197,7 @@ def cancel(job_id: uuid.UUID):
     services = _services()
     row = store.cancel_job(services.pool, job_id, g.tenant.id)
     if row is None:
-        current = _load(job_id)
+        current = load_job(job_id)
         raise ApiError(409, "Conflict", f"job {job_id} is already {current['status']} and cannot be cancelled")
     try:
         notify.cancel_requested(services.redis, job_id)  # a running job is aborted in its engine

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_errors
+from api.jobs import load_job
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
-from tasks import store, webhooks
+from tasks import webhooks
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
@@ -123,13 +124,6 @@ def enable_endpoint():
 # --- deliveries ---------------------------------------------------------------------------------
 
 
-def _job(job_id: uuid.UUID) -> dict:
-    row = store.get_job(_services().pool, job_id, g.tenant.id)
-    if row is None:  # another tenant's job looks exactly like a missing one
-        raise ApiError(404, "Not Found", f"no job {job_id}")
-    return row
-
-
 @bp.get("/webhooks/deliveries")
 def list_all_deliveries():
     """Every delivery of the tenant, newest first; `?status=dead` lists the dead letters."""
@@ -141,7 +135,7 @@ def list_all_deliveries():
 
 @bp.get("/jobs/<uuid:job_id>/deliveries")
 def list_deliveries(job_id: uuid.UUID):
-    _job(job_id)
+    load_job(job_id)
     rows = webhooks.deliveries_for_job(_services().pool, job_id, g.tenant.id)
     return jsonify(object="list", data=[delivery_resource(r) for r in rows])
 
@@ -149,7 +143,7 @@ def list_deliveries(job_id: uuid.UUID):
 @bp.post("/jobs/<uuid:job_id>/deliveries/<uuid:delivery_id>/retry")
 def retry_delivery(job_id: uuid.UUID, delivery_id: uuid.UUID):
     pool = _services().pool
-    _job(job_id)
+    load_job(job_id)
     current = webhooks.get_delivery(pool, delivery_id, job_id, g.tenant.id)
     if current is None:
         raise ApiError(404, "Not Found", f"job {job_id} has no delivery {delivery_id}")
