@@ -30,9 +30,12 @@ class Services:
 
     @cached_property
     def celery(self):
+        """The Celery app the lifecycle works through, sharing this process's pool and Redis client."""
         from tasks.celery_app import create_celery
 
-        return create_celery(self.settings)
+        app = create_celery(self.settings)
+        app.db, app.redis = self.pool, self.redis
+        return app
 
     @cached_property
     def tokenizer(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import current_app, g, request
 
 from api.errors import ApiError
-from tasks import store
+from tasks.jobs import tenants
 
 
 def authenticate() -> None:
@@ -15,7 +15,7 @@ def authenticate() -> None:
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "Unauthorized", "send your API key as `Authorization: Bearer <key>`",
                        headers={"WWW-Authenticate": 'Bearer realm="switchyard"'})
-    tenant = store.tenant_for_key(current_app.extensions["switchyard"].pool, key.strip())
+    tenant = tenants.tenant_for_key(current_app.extensions["switchyard"].pool, key.strip())
     if tenant is None:
         raise ApiError(401, "Unauthorized", "the API key is not valid (unknown or revoked)",
                        headers={"WWW-Authenticate": 'Bearer realm="switchyard", error="invalid_token"'})

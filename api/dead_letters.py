@@ -11,9 +11,8 @@ from flask import Blueprint, current_app, g, jsonify, request
 from api.auth import authenticate
 from api.errors import ApiError
 from api.paging import limit_arg
-from api.resources import timestamp
-from tasks import store
-from tasks.router import publish
+from tasks.jobs import dead_letters, lifecycle
+from tasks.jobs.resource import timestamp
 
 bp = Blueprint("dead_letters", __name__, url_prefix="/v1/dead-letters")
 bp.before_request(authenticate)
@@ -41,7 +40,7 @@ def dead_letter_resource(row: dict) -> dict:
 def list_():
     limit = limit_arg(default=100, maximum=1000)
     include_replayed = request.args.get("include_replayed", "false").lower() in ("1", "true", "yes")
-    rows = store.list_dead_letters(current_app.extensions["switchyard"].pool, _scope(), limit=limit,
+    rows = dead_letters.list_dead_letters(current_app.extensions["switchyard"].pool, _scope(), limit=limit,
                                    include_replayed=include_replayed)
     return jsonify(object="list", data=[dead_letter_resource(r) for r in rows])
 
@@ -49,9 +48,7 @@ def list_():
 @bp.post("/<uuid:letter_id>/replay")
 def replay(letter_id: uuid.UUID):
     """Send the job round again as a new attempt, with a fresh budget of attempts."""
-    services = current_app.extensions["switchyard"]
-    job = store.replay_dead_letter(services.pool, letter_id, _scope())
+    job = lifecycle.replay(current_app.extensions["switchyard"].celery, letter_id, _scope())
     if job is None:
         raise ApiError(404, "Not Found", f"no unreplayed dead letter {letter_id}")
-    publish(services.celery, job)  # if this is lost, the reconciler re-publishes the queued job
     return jsonify(object="replay", dead_letter_id=str(letter_id), job_id=str(job["id"]), attempt=job["attempt"]), 202

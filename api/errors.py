@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import psycopg
-import psycopg_pool
-import redis
 from flask import Flask, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+
+from tasks.errors import TRANSIENT, QueueUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,16 @@ def register_error_handlers(app: Flask) -> None:
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return problem(exc.code or 500, exc.name, detail, headers)
 
-    @app.errorhandler(redis.ConnectionError)
-    @app.errorhandler(redis.TimeoutError)
-    @app.errorhandler(psycopg.OperationalError)
-    @app.errorhandler(psycopg_pool.PoolTimeout)
+    @app.errorhandler(QueueUnavailable)
+    def _queue_unavailable(exc: QueueUnavailable):
+        log.warning("job refused: %r", exc.__cause__)
+        return problem(503, "Service Unavailable", "the job queue is unreachable; nothing was stored, retry shortly",
+                       {"Retry-After": "5"})
+
     def _unavailable(exc: Exception):
         log.warning("dependency unavailable: %r", exc)
         return problem(503, "Service Unavailable", "a backing service (Redis or Postgres) is unreachable; retry shortly",
                        {"Retry-After": "5"})
+
+    for kind in TRANSIENT:
+        app.register_error_handler(kind, _unavailable)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from tasks import registry, store
+from tasks.jobs import store
+from tasks.routing import registry
 
 bp = Blueprint("health", __name__)
 

@@ -7,20 +7,19 @@ import json
 import time
 import uuid
 
-import redis
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
 from api.auth import authenticate
 from api.errors import ApiError
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
-from api.resources import job_resource
-from tasks import notify, registry, store
+from api.schemas import JobRequest
+from tasks.jobs import lifecycle, store
+from tasks.jobs.resource import job_resource
+from tasks.jobs.status import JobStatus
 from tasks.prompting import prompt_token_ids
-from tasks.router import publish
-from tasks.routing import affinity_key
-from tasks.schemas import JobRequest
-from tasks.settings import ROUTING_STRATEGIES
-from tasks.status import JobStatus
+from tasks.routing import registry
+from tasks.routing.strategies import NAMES as STRATEGIES
+from tasks.routing.strategies import affinity_key
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -112,20 +111,20 @@ def submit():
     body = _parse_body()
     idempotency = _idempotency(body)
     job = JobRequest.model_validate(body, context={
-        "max_tokens_limit": settings.max_tokens_limit, "strategies": ROUTING_STRATEGIES,
+        "max_tokens_limit": settings.max_tokens_limit, "strategies": STRATEGIES,
         "webhook_allow": settings.webhook_allow})
     model = _check_model(job)
     request_dict = job.model_dump(include={"messages", "prompt"}, exclude_none=True)
     sampling = job.sampling()
     sampling["max_tokens"] = _fit_to_context(job, request_dict)
     _check_seed(job, model)
-    tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in ROUTING_STRATEGIES else None
+    tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in STRATEGIES else None
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     session_id = job.routing.session_id if job.routing else None
     max_attempts = job.max_attempts or settings.max_attempts
     try:
-        row, created = store.insert_job(
-            services.pool, tenant_id=g.tenant.id, model=model, strategy=strategy,
+        row, created = lifecycle.submit(
+            services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
             request={**request_dict, **sampling, "max_attempts": max_attempts}, metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
             affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,
@@ -134,13 +133,6 @@ def submit():
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
                        "different request body; send the same body to get that job back, or use a new key",
                        errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}]) from None
-    if created:
-        try:
-            publish(services.celery, row)
-        except Exception:
-            store.delete_unpublished_job(services.pool, row["id"])  # refused: leave nothing behind
-            raise ApiError(503, "Service Unavailable", "the job queue is unreachable; nothing was stored, retry "
-                           "shortly", headers={"Retry-After": "5"}) from None
     response = jsonify(job_resource(row))
     response.status_code = 202 if created else 200
     response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
@@ -194,15 +186,10 @@ def list_():
 
 @bp.post("/<uuid:job_id>/cancel")
 def cancel(job_id: uuid.UUID):
-    services = _services()
-    row = store.cancel_job(services.pool, job_id, g.tenant.id)
+    # The cancel is committed before the node is told; a worker that misses the notice still cannot
+    # record a result for a cancelled job.
+    row = lifecycle.cancel(_services().celery, job_id, g.tenant.id)
     if row is None:
         current = load_job(job_id)
         raise ApiError(409, "Conflict", f"job {job_id} is already {current['status']} and cannot be cancelled")
-    try:
-        notify.cancel_requested(services.redis, job_id)  # a running job is aborted in its engine
-        notify.job_finished(services.redis, job_id)
-    except redis.RedisError:
-        # The cancel is committed; a worker that missed the notice still cannot record a result.
-        current_app.logger.warning("job %s cancelled, but the notification failed", job_id)
     return jsonify(job_resource(row))

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, jsonify
 
 from api.auth import authenticate
 from api.errors import ApiError
-from tasks import registry
+from tasks.routing import registry
 
 bp = Blueprint("nodes", __name__, url_prefix="/v1/nodes")
 bp.before_request(authenticate)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import redis
 
-from tasks.notify import FINISHED_CHANNEL
+from tasks.jobs.notify import FINISHED_CHANNEL
 
 log = logging.getLogger(__name__)
 

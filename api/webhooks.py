@@ -13,7 +13,7 @@ from api.auth import authenticate
 from api.errors import ApiError, validation_errors
 from api.jobs import load_job
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
-from tasks import webhooks
+from tasks.webhooks import store as webhooks
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 bp.before_request(authenticate)

@@ -1,16 +1,32 @@
-"""Operator commands: `python -m ops.admin migrate` and `python -m ops.admin create-tenant NAME`."""
+"""Operator commands: `python -m ops.admin migrate`, `create-tenant NAME` and `replay-dead-letters`.
+
+They use DATABASE_URL / REDIS_URL when set; otherwise the URLs of the local cluster that `make up`
+started (kept in .switchyard/env), so they work right after `make up` with nothing exported.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from tasks import store
 from tasks.db import make_pool, migrate
+from tasks.jobs import dead_letters, lifecycle, tenants
 from tasks.settings import Settings
 
 
+def settings_with_local_urls() -> Settings:
+    """Settings from the environment, with the local cluster's URLs filling in any that are unset."""
+    settings = Settings.from_env()
+    if settings.database_url and settings.redis_url:
+        return settings
+    from ops.cluster import local_urls
+
+    urls = local_urls(settings)
+    return settings.model_copy(update={"database_url": settings.database_url or urls.get("DATABASE_URL"),
+                                       "redis_url": settings.redis_url or urls.get("REDIS_URL")})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ops.admin")
+    parser = argparse.ArgumentParser(prog="python -m ops.admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending database migrations")
     tenant = sub.add_parser("create-tenant", help="create a tenant and print its API key (shown once)")
@@ -22,29 +38,28 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--limit", type=int, default=1000)
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    settings = settings_with_local_urls()
     if not settings.database_url:
-        parser.error("DATABASE_URL is not set")
+        parser.error("DATABASE_URL is not set and no local cluster was found: export DATABASE_URL (and "
+                     "REDIS_URL), or start the local cluster with `make up`")
     if args.command == "migrate":
         migrate(settings.database_url)
     elif args.command == "replay-dead-letters":
         _replay(settings.require_urls(), args.reason, args.limit)
     else:
         with make_pool(settings.database_url, max_size=1) as pool:
-            t, key = store.create_tenant(pool, args.name, admin=args.admin)
+            t, key = tenants.create_tenant(pool, args.name, admin=args.admin)
         print(f"tenant {t.name} ({t.id})\napi key: {key}")
 
 
 def _replay(settings: Settings, reason: str | None, limit: int) -> None:
     from tasks.celery_app import create_celery
-    from tasks.router import publish
 
     app = create_celery(settings)
-    letters = [d for d in store.list_dead_letters(app.db, None, limit=limit) if reason in (None, d["reason"])]
+    letters = [d for d in dead_letters.list_dead_letters(app.db, None, limit=limit) if reason in (None, d["reason"])]
     for n, letter in enumerate(letters, 1):
-        job = store.replay_dead_letter(app.db, letter["id"])
+        job = lifecycle.replay(app, letter["id"])
         if job is not None:
-            publish(app, job)
             print(f"[{n}/{len(letters)}] job {job['id']} re-queued as attempt {job['attempt']}")
     print(f"replayed {len(letters)} dead letter(s)")
 

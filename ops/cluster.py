@@ -21,15 +21,32 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
-HOME = Path(os.environ.get("SWITCHYARD_HOME", ROOT / ".switchyard"))
+DEFAULT_NODE_ID = "local-gpu-0"
+
+
+def home(settings: Settings) -> Path:
+    """The local cluster's state folder: SWITCHYARD_HOME, else .switchyard/ in the checkout."""
+    return settings.home or ROOT / ".switchyard"
+
+
+def local_urls(settings: Settings) -> dict[str, str]:
+    """DATABASE_URL and REDIS_URL of the local cluster `make up` started (empty if it never ran)."""
+    env = home(settings) / "env"
+    if not env.exists():
+        return {}
+    pairs = (line.removeprefix("export ").split("=", 1) for line in env.read_text().splitlines() if "=" in line)
+    return {k: v for k, v in pairs}
+
+
+_SETTINGS = Settings.from_env()  # this module is an entry point: `python -m ops.cluster`
+HOME = home(_SETTINGS)
 RUN, LOGS = HOME / "run", HOME / "logs"
-PG_PORT = int(os.environ.get("SWITCHYARD_PG_PORT", "55432"))
-VALKEY_PORT = int(os.environ.get("SWITCHYARD_VALKEY_PORT", "56379"))
-API_PORT = int(os.environ.get("SWITCHYARD_API_PORT", "8000"))
-FLOWER_PORT = int(os.environ.get("SWITCHYARD_FLOWER_PORT", "5555"))
-NODE_ID = os.environ.get("SWITCHYARD_NODE_ID", "local-gpu-0")
-RECEIVER_PORT = int(os.environ.get("SWITCHYARD_RECEIVER_PORT", "8899"))
+PG_PORT, VALKEY_PORT = _SETTINGS.pg_port, _SETTINGS.valkey_port
+API_PORT, FLOWER_PORT, RECEIVER_PORT = _SETTINGS.api_port, _SETTINGS.flower_port, _SETTINGS.receiver_port
+NODE_ID = _SETTINGS.node_id if "node_id" in _SETTINGS.model_fields_set else DEFAULT_NODE_ID
 RECEIVER_URL = f"http://127.0.0.1:{RECEIVER_PORT}/hooks"
 WEBHOOK_SECRET, WEBHOOKS_SEEN = HOME / "webhook-secret", HOME / "webhooks.jsonl"
 
@@ -65,11 +82,11 @@ def demo_key(database_url: str) -> str:
     path = HOME / "demo-api-key"
     if path.exists():
         return path.read_text().strip()
-    from tasks import store
     from tasks.db import make_pool
+    from tasks.jobs import tenants
 
     with make_pool(database_url, max_size=1) as pool:
-        _, key = store.create_tenant(pool, f"demo-{int(time.time())}")
+        _, key = tenants.create_tenant(pool, f"demo-{int(time.time())}")
     path.write_text(key)
     path.chmod(0o600)
     return key
@@ -112,7 +129,7 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
         "api": [py, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py", "-b", f"127.0.0.1:{API_PORT}", "api.wsgi:app"],
         "router": [py, "-m", "workers.router"],
         "worker": [py, "-m", "workers.gpu"],
-        "webhooks": [py, "-m", "workers.webhooks"],
+        "webhooks": [py, "-m", "workers.webhook_worker"],
         "receiver": [py, "-m", "ops.receiver", "--port", str(RECEIVER_PORT), "--secret-file", str(WEBHOOK_SECRET),
                      "--out", str(WEBHOOKS_SEEN)],
         "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}", "--address=127.0.0.1"],
@@ -207,7 +224,7 @@ def up(args) -> None:
 
     migrate(urls["DATABASE_URL"], log=say)
     key = demo_key(urls["DATABASE_URL"])
-    prepare(log=say)
+    prepare(_SETTINGS.cache_dir, log=say)
     env = {**os.environ, **urls, "HF_HUB_OFFLINE": "1", "SWITCHYARD_NODE_ID": NODE_ID, "PYTHONUNBUFFERED": "1"}
     # The local receiver is on loopback, which the SSRF guard refuses unless it is allow-listed.
     allow = [a for a in env.get("SWITCHYARD_WEBHOOK_ALLOW", "").split(",") if a.strip()]

@@ -1,11 +1,13 @@
-# gunicorn settings for the API. Threads, not processes, carry concurrency: a long-poll (GET ?wait=N)
-# holds its thread while it waits for the job's notification.
-import os
+# gunicorn settings for the API, from Switchyard's settings (SWITCHYARD_API_BIND, _API_WORKERS,
+# _API_THREADS). Threads, not processes, carry concurrency: a long-poll (GET ?wait=N) holds its thread
+# while it waits for the job's notification.
+from tasks.settings import Settings
 
-bind = os.environ.get("SWITCHYARD_API_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("SWITCHYARD_API_WORKERS", "2"))
+_settings = Settings.from_env()
+bind = _settings.api_bind
+workers = _settings.api_workers
 worker_class = "gthread"
-threads = int(os.environ.get("SWITCHYARD_API_THREADS", "64"))
+threads = _settings.api_threads
 timeout = 90  # > the 60 s long-poll maximum
 graceful_timeout = 30
 accesslog = "-"

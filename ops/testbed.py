@@ -21,16 +21,15 @@ import psycopg
 import redis as redis_lib
 
 from ops.services import free_port
-from tasks import registry, store
 from tasks.celery_app import create_celery
 from tasks.db import make_pool, migrate
-from tasks.router import publish
-from tasks.routing import affinity_key
+from tasks.jobs import lifecycle
+from tasks.jobs.status import TERMINAL_VALUES
+from tasks.routing import registry
+from tasks.routing.strategies import affinity_key
 from tasks.settings import Settings
-from tasks.status import TERMINAL
 
 ROOT = Path(__file__).resolve().parents[1]
-TERMINAL_VALUES = [s.value for s in TERMINAL]
 
 
 def fresh_database(server_url: str) -> str:
@@ -97,6 +96,7 @@ class Cluster(Processes):
         self.redis = redis_lib.Redis.from_url(redis_url)
         self.db = make_pool(database_url, max_size=4, name="test-cluster")
         self.celery = create_celery(self.settings)
+        self.celery.db, self.celery.redis = self.db, self.redis
         self.api: str | None = None
 
     # -- processes ---------------------------------------------------------------------------------
@@ -153,10 +153,9 @@ class Cluster(Processes):
         for i in range(n):
             request = {"prompt": f"{prompt} {i}" if session_id is None else prompt, "max_tokens": max_tokens,
                        "temperature": 0, "max_attempts": max_attempts}
-            row, _ = store.insert_job(self.db, tenant_id=tenant_id, model=self.settings.model_name,
+            row, _ = lifecycle.submit(self.celery, tenant_id=tenant_id, model=self.settings.model_name,
                                       strategy=strategy, request=request, metadata={}, max_attempts=max_attempts,
                                       session_id=session_id, affinity_key=affinity_key(session_id, request))
-            publish(self.celery, row)
             ids.append(str(row["id"]))
         return ids
 

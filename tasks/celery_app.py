@@ -9,22 +9,16 @@ from functools import cached_property
 import redis
 from celery import Celery
 
+from tasks.names import route_queue
 from tasks.settings import Settings
-
-ROUTE_TASK = "switchyard.route"
-GENERATE_TASK = "switchyard.generate"
-
-
-def route_queue(strategy: str) -> str:
-    return f"route.{strategy}"
 
 
 class SwitchyardCelery(Celery):
     """A Celery app that carries the settings and the process's Redis and Postgres handles."""
 
     settings: Settings
-    #: set by the GPU worker at boot: callable(list[(job_id, attempt)]) -> None
-    batch_runner = None
+    #: set by the GPU worker at boot (workers.node.Node): callable(list[(job_id, attempt)]) -> None
+    node = None
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -75,8 +69,9 @@ def create_celery(settings: Settings) -> SwitchyardCelery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
-    # Registers the shared tasks with this app.
-    import tasks.generation  # noqa: F401
-    import tasks.router  # noqa: F401
+    # Every task, registered with this app (the task modules import nothing from here).
+    import tasks.jobs.task  # noqa: F401
+    import tasks.routing.task  # noqa: F401
+    import tasks.webhooks.task  # noqa: F401
 
     return app

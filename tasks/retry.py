@@ -1,5 +1,5 @@
-"""Retry policy: which failures are worth another attempt, how long to wait, and how workers ride out
-a short Postgres or Redis outage instead of dropping the work in hand."""
+"""Retry timing: how long a retried job waits, and how workers ride out a short Postgres or Redis
+outage instead of dropping the work in hand. What is worth retrying is defined in tasks.errors."""
 
 from __future__ import annotations
 
@@ -7,17 +7,9 @@ import logging
 import random
 import time
 
-import psycopg
-import psycopg_pool
-import redis
+from tasks.errors import TRANSIENT
 
 log = logging.getLogger(__name__)
-
-#: error types (the `type` of a job's error) that another attempt may cure; everything else is permanent
-RETRYABLE = frozenset({"engine_dead", "engine_overloaded", "worker_lost", "transient"})
-
-#: exceptions that mean "a backing service is briefly unreachable"
-TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError, redis.TimeoutError)
 
 
 def backoff(attempt: int, *, base: float, cap: float) -> float:

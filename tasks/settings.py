@@ -1,7 +1,8 @@
 """Switchyard settings: built once from the environment in an entry point, then passed down.
 
-Every process (API, router, GPU worker, quickstart) imports `tasks`, so the one settings object lives
-here. Nothing in this module reads the environment at import time: call `Settings.from_env()`.
+Every process (API, router, GPU worker, quickstart, gunicorn's config) imports `tasks`, so the one
+settings object lives here, and it is the only place that reads SWITCHYARD_* variables. Nothing in this
+module reads the environment at import time: call `Settings.from_env()`.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ROUTING_STRATEGIES = ("round_robin", "least_connections", "weighted_response_time", "prefix_affinity")
+from tasks.routing.strategies import NAMES as ROUTING_STRATEGIES
 
 
 def _default_node_id() -> str:
@@ -52,17 +51,15 @@ class Settings(BaseSettings):
     engine: Literal["vllm", "simulated"] = "vllm"
     sim_token_seconds: float = Field(0.002, gt=0)  # simulated engine: seconds per output token
     sim_crash_marker: str | None = None  # simulated engine: a prompt containing this kills the worker
+    # simulated engine: a prompt containing this fails its job's first attempt with an exception the
+    # engine adapter does not recognise (fault tests of the unrecognised-error path)
+    sim_fail_marker: str | None = None
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
     # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
     # ends, so this bounds how many separately-arriving jobs can join the running engine.
     batch_concurrency: int = Field(32, ge=1)
     max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
-    # Shared pull queues, for the routing benchmark's baseline (ops/bench.py), not a routing strategy:
-    # for each name this worker also consumes node.pull:<name>, and a job sent there (routed to the
-    # pseudo node `pull:<name>`, see store.start_jobs) runs on whichever consumer takes it first. Not for
-    # production: messages a puller had prefetched when it died wait for Redis's visibility timeout.
-    pull_queues: Annotated[tuple[str, ...], NoDecode] = ()
     kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
     enforce_eager: bool = True
     heartbeat_interval: float = Field(2.0, gt=0)
@@ -85,7 +82,9 @@ class Settings(BaseSettings):
 
     # Reconciler (runs in every router process; one sweep at a time cluster-wide).
     reconcile_interval: float = Field(1.0, gt=0)
-    redispatch_after: float = Field(30.0, gt=0)  # a job still queued this long after it was due is re-published
+    # A job still queued this long after it was due is published again; one routed this long whose
+    # message is on neither its node's queue nor that node's unacked list is sent to the node again.
+    redispatch_after: float = Field(10.0, gt=0)
 
     # Idempotency-Key lifetime.
     idempotency_ttl: int = Field(86_400, ge=60)
@@ -104,7 +103,20 @@ class Settings(BaseSettings):
     webhook_sweep_interval: float = Field(1.0, gt=0)  # seconds between sweeps for due deliveries
     webhook_dispatch_lease: float = Field(300.0, gt=0)  # a dispatched delivery is not dispatched again before
 
-    @field_validator("webhook_allow", "webhook_retry_schedule", "pull_queues", mode="before")
+    # API server (ops/gunicorn.conf.py).
+    api_bind: str = "127.0.0.1:8000"
+    api_workers: int = Field(2, ge=1)
+    api_threads: int = Field(64, ge=1)
+
+    # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
+    home: Path | None = None  # default: .switchyard/ in the checkout
+    pg_port: int = 55432
+    valkey_port: int = 56379
+    api_port: int = 8000
+    flower_port: int = 5555
+    receiver_port: int = 8899
+
+    @field_validator("webhook_allow", "webhook_retry_schedule", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -115,7 +127,7 @@ class Settings(BaseSettings):
     @field_validator("webhook_allow")
     @classmethod
     def _parse_allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from tasks.ssrf import AllowList
+        from tasks.webhooks.ssrf import AllowList
 
         AllowList.parse(v)  # raises ValueError naming the bad entry
         return v

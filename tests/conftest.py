@@ -10,7 +10,7 @@ import pytest
 import redis as redis_lib
 
 from ops.services import EmbeddedPostgres, EmbeddedValkey, free_port
-from tasks import store
+from tasks.jobs import tenants
 from tasks.db import make_pool, migrate
 from tasks.settings import Settings
 
@@ -33,7 +33,7 @@ def backing(tmp_path_factory):
 def model_path():
     from workers.model import prepare
 
-    return prepare(log=lambda _m: None)
+    return prepare(Settings.from_env().cache_dir, log=lambda _m: None)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def redis(base_settings):
 @pytest.fixture
 def tenant(db):
     """A fresh tenant and its API key."""
-    return store.create_tenant(db, f"tenant-{uuid.uuid4().hex[:8]}")
+    return tenants.create_tenant(db, f"tenant-{uuid.uuid4().hex[:8]}")
 
 
 def job_count(pool, tenant_id=None) -> int:
@@ -84,7 +84,7 @@ def make_cluster(backing, model_path, tmp_path):
         cluster = Cluster(tmp_path / f"logs{n}", database_url=fresh_database((own_pg or pg).url),
                           redis_url=valkey.url, model_path=model_path, **settings)
         cluster.valkey, cluster.postgres = valkey, own_pg
-        cluster.tenant = store.create_tenant(cluster.db, "cluster-tenant")[0]
+        cluster.tenant = tenants.create_tenant(cluster.db, "cluster-tenant")[0]
         made.append(cluster)
         return cluster
 

@@ -16,31 +16,37 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from tasks.errors import ErrorKind, JobError
+
 log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    """Raised when a generation fails; `kind` becomes the job error's `type` (see tasks.retry.RETRYABLE)."""
+    """Raised when a generation fails in a way the adapter does not recognise; worth retrying.
+    `kind` is the job error's kind (tasks.errors decides what is retryable)."""
 
-    kind = "engine_error"
+    kind = ErrorKind.ENGINE_ERROR
+
+    def job_error(self) -> JobError:
+        return JobError(self.kind, str(self))
 
 
 class EngineDead(EngineError):
     """Raised when the engine core died under a request; the request is worth retrying."""
 
-    kind = "engine_dead"
+    kind = ErrorKind.ENGINE_DEAD
 
 
 class EngineOverloaded(EngineError):
     """Raised when the engine ran out of memory or KV cache for a request; worth retrying later."""
 
-    kind = "engine_overloaded"
+    kind = ErrorKind.ENGINE_OVERLOADED
 
 
 class RequestRejected(EngineError):
     """Raised when the engine refuses one request (bad parameters); retrying cannot help."""
 
-    kind = "invalid_request"
+    kind = ErrorKind.INVALID_REQUEST
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,9 @@ class VllmEngine:
                 raise EngineDead(f"the engine core died: {exc!r}") from None
             if any(s in str(exc).lower() for s in ("out of memory", "kv cache", "too many requests")):
                 raise EngineOverloaded(f"the engine is out of capacity: {exc!r}") from None
-            raise RequestRejected(f"the engine refused the request: {exc!r}") from None
+            if isinstance(exc, (ValueError, TypeError)):  # vLLM's input validation
+                raise RequestRejected(f"the engine refused the request: {exc!r}") from None
+            raise EngineError(f"the engine failed: {exc!r}") from None
         if final is None or not final.outputs:
             raise RequestRejected("the engine returned no output")
         out = final.outputs[0]

@@ -12,8 +12,11 @@ import math
 import os
 import threading
 
-from tasks import notify, registry, store
 from tasks.celery_app import create_celery
+from tasks.errors import ErrorKind, JobError
+from tasks.jobs import lifecycle, notify, stranded
+from tasks.names import node_queue
+from tasks.routing import registry
 from tasks.settings import Settings
 
 log = logging.getLogger("workers.gpu")
@@ -24,21 +27,19 @@ def _recover_previous_life(app) -> None:
     restarted before its heartbeat expired (so the reconciler never saw the node go). Jobs it was
     running are retried and charged for it; jobs routed to it move on free of charge (their messages
     may have died with it). Node ids must therefore be unique per process."""
-    from tasks.recovery import requeue_lost
-
-    for job in store.jobs_on_node(app.db, app.settings.node_id, ("routed", "running")):
-        requeue_lost(app, job, {"type": "worker_lost",
-                                "message": f"node {job['node_id']} restarted with the job {job['status']}"})
+    for job in stranded.jobs_on_node(app.db, app.settings.node_id, ("routed", "running")):
+        lifecycle.requeue_lost(app, job, JobError(
+            ErrorKind.WORKER_LOST, f"node {job['node_id']} restarted with the job {job['status']}"))
 
 
 def _restore_unacked(app) -> None:
-    queue = registry.node_queue(app.settings.node_id)
+    queue = node_queue(app.settings.node_id)
     restored = app.restore_unacked(queue)
     if restored:
         log.warning("put %d unacknowledged message(s) back on %s", restored, queue)
 
 
-def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: threading.Event) -> None:
+def _heartbeat_loop(app, node, engine, stop: threading.Event, draining: threading.Event) -> None:
     settings = app.settings
     failing = False
     while True:
@@ -51,15 +52,14 @@ def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: thread
                 "models": [settings.model_name],
                 "engine": settings.engine,
                 "batch_capacity": settings.batch_size * settings.batch_concurrency,
-                "inflight": runner.inflight,
-                "ewma_job_seconds": runner.ewma_job_seconds,
-                "ewma_token_seconds": runner.ewma_token_seconds,
+                "inflight": node.inflight,
+                "ewma_job_seconds": node.ewma_job_seconds,
+                "ewma_token_seconds": node.ewma_token_seconds,
                 "engine_state": engine.probe(),
                 "engine_restarts": engine.restarts,
                 "supports_seed": engine.supports_seed,
                 "draining": draining.is_set(),
                 "pid": os.getpid(),
-                "pulls": [store.pull_node_id(q) for q in settings.pull_queues],  # the reconciler reads it
             }, settings.heartbeat_ttl)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the heartbeats for good
             failing = True
@@ -68,7 +68,7 @@ def _heartbeat_loop(app, runner, engine, stop: threading.Event, draining: thread
             return
 
 
-def _cancel_listener(app, runner) -> None:
+def _cancel_listener(app, node) -> None:
     """Abort generations whose jobs were cancelled through the API."""
     while True:
         try:
@@ -76,7 +76,7 @@ def _cancel_listener(app, runner) -> None:
             pubsub.subscribe(notify.CANCEL_CHANNEL)
             for message in pubsub.listen():
                 if message["type"] == "message":
-                    runner.abort(message["data"].decode())
+                    node.abort(message["data"].decode())
         except Exception:  # noqa: BLE001
             log.exception("cancel subscription lost; renewing")
             threading.Event().wait(1)
@@ -87,7 +87,8 @@ def _make_engine(settings, tokenizer):
         from workers.simulated import SimulatedEngine
 
         return SimulatedEngine(token_seconds=settings.sim_token_seconds, max_num_seqs=settings.max_num_seqs,
-                               tokenizer=tokenizer, crash_marker=settings.sim_crash_marker)
+                               tokenizer=tokenizer, crash_marker=settings.sim_crash_marker,
+                               fail_marker=settings.sim_fail_marker)
     from workers.engine import VllmEngine
 
     return VllmEngine(str(settings.resolved_model_path), max_model_len=settings.max_model_len,
@@ -104,30 +105,27 @@ def main() -> None:
     from celery.signals import worker_shutting_down
 
     from tasks.prompting import load_tokenizer
-    from workers.batch import BatchRunner
+    from workers.node import Node
 
     tokenizer = load_tokenizer(settings.resolved_model_path)
     engine = _make_engine(settings, tokenizer)
     engine.start()
     app = create_celery(settings)
-    runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,
-                         tokenizer=tokenizer)
-    app.batch_runner = runner
+    node = Node(app, engine, tokenizer)
+    app.node = node
     _recover_previous_life(app)
     stop, draining = threading.Event(), threading.Event()
     # On SIGTERM Celery stops consuming and lets running batches finish; advertising `draining` at once
     # keeps routers from sending more work here meanwhile.
     worker_shutting_down.connect(lambda **_: (draining.set(), log.info("draining: finishing the jobs in hand")),
                                  weak=False)
-    threading.Thread(target=_heartbeat_loop, args=(app, runner, engine, stop, draining), daemon=True,
+    threading.Thread(target=_heartbeat_loop, args=(app, node, engine, stop, draining), daemon=True,
                      name="heartbeat").start()
-    threading.Thread(target=_cancel_listener, args=(app, runner), daemon=True, name="cancels").start()
+    threading.Thread(target=_cancel_listener, args=(app, node), daemon=True, name="cancels").start()
     try:
         worker = app.Worker(
             hostname=f"gpu@{settings.node_id}",
-            # plus any shared pull queues (settings.pull_queues: the routing benchmark's baseline)
-            queues=[registry.node_queue(settings.node_id),
-                    *(registry.node_queue(store.pull_node_id(q)) for q in settings.pull_queues)],
+            queues=[node_queue(settings.node_id)],
             pool="threads",
             concurrency=settings.batch_concurrency,
             # prefetch = multiplier x concurrency; acks are late, so it must cover every batch in flight.

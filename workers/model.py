@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,10 +24,6 @@ _MARKER = "switchyard-prepared.json"
 
 class ModelPreparationError(RuntimeError):
     """Raised when the default model cannot be located or converted."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SWITCHYARD_CACHE_DIR", Path.home() / ".cache" / "switchyard"))
 
 
 def locate_gguf() -> Path:
@@ -48,9 +43,10 @@ def is_prepared(folder: Path) -> bool:
     return (folder / _MARKER).is_file()
 
 
-def prepare(cache_dir: Path | None = None, *, log=print) -> Path:
-    """Return the Hugging Face folder of the default model, converting it first if needed."""
-    folder = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
+def prepare(cache_dir: Path, *, log=print) -> Path:
+    """Return the Hugging Face folder of the default model under `cache_dir` (settings.cache_dir),
+    converting it first if needed."""
+    folder = cache_dir / "models" / DEFAULT_MODEL_NAME
     if is_prepared(folder):
         log(f"model: reusing {folder}")
         return folder
@@ -80,10 +76,13 @@ def prepare(cache_dir: Path | None = None, *, log=print) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: SWITCHYARD_CACHE_DIR, else "
+                        "~/.cache/switchyard")
     args = parser.parse_args(argv)
+    from tasks.settings import Settings
+
     try:
-        print(prepare(args.cache_dir))
+        print(prepare(args.cache_dir or Settings.from_env().cache_dir))
     except ModelPreparationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from tasks.celery_app import create_celery, route_queue
-from tasks.recovery import reconcile_forever
-from tasks.settings import ROUTING_STRATEGIES, Settings
+from tasks.celery_app import create_celery
+from tasks.jobs.reconciler import reconcile_forever
+from tasks.names import route_queue
+from tasks.routing.strategies import NAMES as STRATEGIES
+from tasks.settings import Settings
 
 
 def main() -> None:
@@ -17,7 +19,7 @@ def main() -> None:
     try:
         app.Worker(
             hostname=f"router@{settings.node_id}",
-            queues=[route_queue(s) for s in ROUTING_STRATEGIES],
+            queues=[route_queue(s) for s in STRATEGIES],
             pool="threads",
             concurrency=8,
             loglevel="INFO",

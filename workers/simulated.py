@@ -10,7 +10,8 @@ scheduled and a node's throughput is max_num_seqs / token_seconds tokens per sec
 sets the speed.
 
 Fault injection (tests only): a prompt containing `crash_marker` kills the whole worker process the
-moment it is scheduled, like a poison request that takes its worker down.
+moment it is scheduled, like a poison request that takes its worker down; a prompt containing
+`fail_marker` fails its job's first attempt with an exception no engine adapter recognises.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 class SimulatedEngine:
     supports_seed = True
 
-    def __init__(self, *, token_seconds: float, max_num_seqs: int, tokenizer, crash_marker: str | None = None):
+    def __init__(self, *, token_seconds: float, max_num_seqs: int, tokenizer, crash_marker: str | None = None,
+                 fail_marker: str | None = None):
         self.token_seconds, self.max_num_seqs = token_seconds, max_num_seqs
-        self.tokenizer, self.crash_marker = tokenizer, crash_marker
+        self.tokenizer, self.crash_marker, self.fail_marker = tokenizer, crash_marker, fail_marker
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sim-engine", daemon=True)
         self._tasks: dict[str, asyncio.Task] = {}
@@ -63,7 +65,7 @@ class SimulatedEngine:
         future: Future = Future()
 
         def schedule():
-            task = self._loop.create_task(self._generate(prompt_ids, sampling))
+            task = self._loop.create_task(self._generate(request_id, prompt_ids, sampling))
             self._tasks[request_id] = task
 
             def done(t: asyncio.Task):
@@ -80,12 +82,15 @@ class SimulatedEngine:
         self._loop.call_soon_threadsafe(schedule)
         return future, self.generation
 
-    async def _generate(self, prompt_ids: list[int], sampling: dict) -> Completion:
+    async def _generate(self, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
         tokens = int(sampling.get("max_tokens") or 16)
         async with self._slots:
-            if self.crash_marker and self.crash_marker in self.tokenizer.decode(prompt_ids):
+            text = self.tokenizer.decode(prompt_ids) if self.crash_marker or self.fail_marker else ""
+            if self.crash_marker and self.crash_marker in text:
                 log.error("simulated poison request: killing this worker process")
                 os._exit(137)
+            if self.fail_marker and self.fail_marker in text and request_id.endswith(":1"):
+                raise RuntimeError("simulated engine failure of a kind no adapter recognises")
             await asyncio.sleep(tokens * self.token_seconds)
         return Completion(f"[simulated output: {tokens} tokens]", "length", len(prompt_ids), tokens)
 

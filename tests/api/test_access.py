@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from tasks import notify, store
-from tasks.status import JobStatus
+from tasks.jobs import notify, store, tenants
+from tasks.jobs.status import JobStatus
 from tests.api.conftest import auth
 
 
@@ -28,13 +28,13 @@ def test_api_keys_are_stored_hashed(db, tenant):
     _, key = tenant
     with db.connection() as conn:
         stored = [bytes(r["key_hash"]) for r in conn.execute("SELECT key_hash FROM api_keys").fetchall()]
-    assert store.hash_api_key(key) in stored
+    assert tenants.hash_api_key(key) in stored
     assert all(key.encode() not in h for h in stored)
 
 
 def test_other_tenants_job_is_404_like_a_missing_one(client, api_redis, db):
-    _, key_a = store.create_tenant(db, "iso-a")
-    _, key_b = store.create_tenant(db, "iso-b")
+    _, key_a = tenants.create_tenant(db, "iso-a")
+    _, key_b = tenants.create_tenant(db, "iso-b")
     job = _submit(client, key_a)
 
     theirs = client.get(f"/v1/jobs/{job['id']}", headers=auth(key_b))

@@ -3,7 +3,8 @@ and the model check, in-process over real Postgres and Redis."""
 
 from __future__ import annotations
 
-from tasks import registry, store
+from tasks.jobs import store, tenants
+from tasks.routing import registry
 from tests.api.conftest import auth, queued_messages
 
 PROMPT = {"prompt": "hello", "max_tokens": 4}
@@ -42,8 +43,8 @@ def test_unknown_model_is_refused_at_submit(client, api_redis, tenant):
 
 def test_dead_letters_are_listed_per_tenant_and_replayed(client, api_redis, db, tenant):
     t, key = tenant
-    admin_key = store.create_tenant(db, "admin-" + t.name, admin=True)[1]
-    other_key = store.create_tenant(db, "other-" + t.name)[1]
+    admin_key = tenants.create_tenant(db, "admin-" + t.name, admin=True)[1]
+    other_key = tenants.create_tenant(db, "other-" + t.name)[1]
     job = client.post("/v1/jobs", json={**PROMPT, "max_attempts": 1}, headers=auth(key)).get_json()
     store.mark_routed(db, job["id"], 1, "n1")
     store.start_jobs(db, [(job["id"], 1)], "n1")
@@ -67,7 +68,7 @@ def test_dead_letters_are_listed_per_tenant_and_replayed(client, api_redis, db, 
 
 def test_nodes_are_listed_and_drained_by_admins_only(client, api_redis, db, tenant):
     t, key = tenant
-    admin_key = store.create_tenant(db, "ops-" + t.name, admin=True)[1]
+    admin_key = tenants.create_tenant(db, "ops-" + t.name, admin=True)[1]
     registry.heartbeat(api_redis, {"id": "gpu-7", "models": ["m"], "engine_state": "ready", "inflight": 2,
                                    "ewma_job_seconds": 1.5}, ttl=30)
     nodes = {n["id"]: n for n in client.get("/v1/nodes", headers=auth(key)).get_json()["data"]}

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tasks import store
-from tasks.router import publish
+from tasks.jobs import dead_letters, store, tenants
+from tasks.jobs.lifecycle import publish
 
 
 def report(name: str, cluster, ids: list[str], rows: list[dict], **extra) -> Counter:
@@ -88,7 +88,7 @@ def _api_cluster(make_cluster, **kw):
     cluster = two_nodes(make_cluster, **kw)
     cluster.start_api()
     cluster.wait_api()
-    key = store.create_tenant(cluster.db, "api-tenant")[1]
+    key = tenants.create_tenant(cluster.db, "api-tenant")[1]
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {key}"
     return cluster, http
@@ -144,7 +144,7 @@ def test_backing_service_restart_mid_run(make_cluster, service):
 
 def test_poison_job_goes_dead_and_spares_the_rest(make_cluster):
     # Jobs that ran beside the poison when it struck are charged an attempt too; the back-off's jitter
-    # spreads them out, and a job that was running in two crashes runs alone (workers/batch.py), so
+    # spreads them out, and a job that was running in two crashes runs alone (workers/node.py), so
     # the poison's last crash takes nothing else with it.
     cluster = make_cluster(sim_crash_marker="POISON")
     nodes = ["node-a", "node-b"]
@@ -177,7 +177,7 @@ def test_poison_job_goes_dead_and_spares_the_rest(make_cluster):
     assert dead["status"] == "dead" and dead["attempt"] == 3 and dead["error"]["type"] == "worker_lost"
     assert sum(deaths.values()) == 3  # it killed a worker on each of its attempts, then was retired
     assert "running it alone" in cluster.log("node-a", 200_000) + cluster.log("node-b", 200_000)
-    [letter] = [d for d in store.list_dead_letters(cluster.db, cluster.tenant.id) if str(d["job_id"]) == poison]
+    [letter] = [d for d in dead_letters.list_dead_letters(cluster.db, cluster.tenant.id) if str(d["job_id"]) == poison]
     assert (letter["reason"], letter["attempts"]) == ("worker_lost", 3)
     assert Counter(by_id[i]["status"] for i in others) == {"succeeded": 100}, \
         [by_id[i]["error"] for i in others if by_id[i]["status"] != "succeeded"]

@@ -9,8 +9,8 @@ import signal
 import time
 from collections import Counter
 
-from tasks import registry
-from tasks.celery_app import GENERATE_TASK
+from tasks.routing import registry
+from tasks.names import GENERATE_TASK, node_queue
 
 NODES = ["node-a", "node-b", "node-c"]
 
@@ -55,7 +55,7 @@ def test_sigkill_one_of_three_nodes_with_300_jobs_in_flight(make_cluster):
     assert Counter(r["node_id"] for r in cluster.wait_terminal(later))["node-b"] == 10
     # ... and an old message it replays (attempt 1 of a job that finished as attempt 2) changes nothing.
     victim = rerouted[0]
-    cluster.celery.send_task(GENERATE_TASK, args=[str(victim["id"]), 1], queue=registry.node_queue("node-b"))
+    cluster.celery.send_task(GENERATE_TASK, args=[str(victim["id"]), 1], queue=node_queue("node-b"))
     time.sleep(2.0)
     after = cluster.wait_terminal([str(victim["id"])])[0]
     assert (after["attempt"], after["node_id"], after["result"]) == (2, victim["node_id"], victim["result"])

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from ops.services import EmbeddedValkey, free_port
-from tasks import store
+from tasks.jobs import tenants
 from ops.testbed import Processes, fresh_database
 from tasks.db import make_pool
 
@@ -70,7 +70,7 @@ def stack(backing, base_settings, tmp_path_factory):
 @pytest.fixture(scope="package")
 def api_key(stack):
     with make_pool(stack.env["DATABASE_URL"], max_size=1, name="integration") as pool:
-        return store.create_tenant(pool, "integration")[1]
+        return tenants.create_tenant(pool, "integration")[1]
 
 
 @pytest.fixture(scope="package")

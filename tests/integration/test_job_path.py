@@ -11,7 +11,7 @@ import pytest
 import redis as redis_lib
 import requests
 
-from tasks import registry
+from tasks.routing import registry
 
 from tests.integration.conftest import NODE_ID
 

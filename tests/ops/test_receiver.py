@@ -10,9 +10,9 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from ops.receiver import make_handler
-from tasks import signing
-from tasks.delivery import post
-from tasks.ssrf import Target
+from tasks.webhooks import signing
+from tasks.webhooks.sender import post
+from tasks.webhooks.ssrf import Target
 
 
 @pytest.fixture

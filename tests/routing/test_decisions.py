@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tasks import registry
-from tasks.routing import STRATEGIES, affinity_key, ring_order
+from tasks.routing import registry
+from tasks.routing.strategies import STRATEGIES, affinity_key, ring_order
 
 NODES = [{"id": n, "ewma_job_seconds": None} for n in ("n1", "n2", "n3")]
 

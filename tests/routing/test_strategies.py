@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from tasks import registry
+from tasks.routing import registry
 
 NODES = ["node-a", "node-b", "node-c"]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 from pydantic import ValidationError
@@ -35,22 +33,6 @@ def test_environment_is_read_by_from_env(monkeypatch):
     monkeypatch.setenv("SWITCHYARD_BATCH_SIZE", "7")
     settings = Settings.from_env()
     assert settings.database_url == "postgresql://a@b/c" and settings.batch_size == 7
-
-
-def test_importing_the_packages_loads_no_model_and_opens_no_connection():
-    code = (
-        "import socket, sys\n"
-        "opened = []\n"
-        "real = socket.socket.connect\n"
-        "socket.socket.connect = lambda self, addr: opened.append(addr) or real(self, addr)\n"
-        "import api, api.jobs, api.health, tasks, tasks.router, tasks.generation, tasks.store, workers, "
-        "workers.batch, workers.engine\n"
-        "from api import create_app\n"
-        "heavy = [m for m in ('vllm', 'torch', 'transformers', 'sentence_transformers') if m in sys.modules]\n"
-        "print(heavy, opened)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] []"
 
 
 def test_the_embedded_broker_keeps_every_message(redis):

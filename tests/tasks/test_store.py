@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from tasks import store
-from tasks.status import JobStatus
+from tasks.jobs import dead_letters, store, stranded, tenants
+from tasks.jobs.status import JobStatus
 
 BOOM = {"type": "engine_dead", "message": "boom"}
 
@@ -79,7 +79,7 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(db, job):
 def test_retry_delay_postpones_the_due_time(db, job):
     run(db, job["id"], 1, "n1")
     store.retry_job(db, job["id"], 1, BOOM, delay=30)
-    assert job["id"] not in {r["id"] for r in store.claim_stalled_queued(db, older_than=0)}  # due in 30 s
+    assert job["id"] not in {r["id"] for r in stranded.claim_stalled_queued(db, older_than=0)}  # due in 30 s
 
 
 def test_used_up_attempts_make_the_job_dead_with_a_dead_letter(db, tenant):
@@ -91,46 +91,46 @@ def test_used_up_attempts_make_the_job_dead_with_a_dead_letter(db, tenant):
     assert row["status"] == "dead"
     dead = store.get_job(db, job["id"])
     assert dead["status"] == "dead" and "gave up after 2 attempts" in dead["error"]["message"]
-    letters = [d for d in store.list_dead_letters(db, t.id) if d["job_id"] == job["id"]]
+    letters = [d for d in dead_letters.list_dead_letters(db, t.id) if d["job_id"] == job["id"]]
     assert len(letters) == 1
     assert (letters[0]["reason"], letters[0]["attempts"], letters[0]["last_error"]) == ("engine_dead", 2, BOOM)
     # Replay: a new attempt with a fresh budget of 2; the letter is closed.
-    replayed = store.replay_dead_letter(db, letters[0]["id"], t.id)
+    replayed = dead_letters.replay_dead_letter(db, letters[0]["id"], t.id)
     assert replayed["attempt"] == 3
     assert store.get_job(db, job["id"])["max_attempts"] == 4
-    assert store.replay_dead_letter(db, letters[0]["id"], t.id) is None  # only once
-    assert not [d for d in store.list_dead_letters(db, t.id) if d["job_id"] == job["id"]]
+    assert dead_letters.replay_dead_letter(db, letters[0]["id"], t.id) is None  # only once
+    assert not [d for d in dead_letters.list_dead_letters(db, t.id) if d["job_id"] == job["id"]]
 
 
 def test_dead_letters_are_tenant_scoped(db, tenant):
-    other, _ = store.create_tenant(db, "someone-else-" + tenant[0].name)
+    other, _ = tenants.create_tenant(db, "someone-else-" + tenant[0].name)
     job, _ = new_job(db, other.id, max_attempts=1)
     run(db, job["id"], 1, "n1")
     store.retry_job(db, job["id"], 1, BOOM, delay=0)
-    letter = [d for d in store.list_dead_letters(db, other.id) if d["job_id"] == job["id"]][0]
-    assert not [d for d in store.list_dead_letters(db, tenant[0].id) if d["job_id"] == job["id"]]
-    assert [d for d in store.list_dead_letters(db, None) if d["job_id"] == job["id"]]  # admin sees all
-    assert store.replay_dead_letter(db, letter["id"], tenant[0].id) is None
+    letter = [d for d in dead_letters.list_dead_letters(db, other.id) if d["job_id"] == job["id"]][0]
+    assert not [d for d in dead_letters.list_dead_letters(db, tenant[0].id) if d["job_id"] == job["id"]]
+    assert [d for d in dead_letters.list_dead_letters(db, None) if d["job_id"] == job["id"]]  # admin sees all
+    assert dead_letters.replay_dead_letter(db, letter["id"], tenant[0].id) is None
 
 
 def test_cancelled_job_is_never_started_or_finished(db, tenant, job):
     t, _ = tenant
     store.mark_routed(db, job["id"], 1, "n1")
-    assert store.cancel_job(db, job["id"], t.id)["status"] == "cancelled"
+    assert store.cancel_job(db, job["id"], t.id, {"type": "cancelled", "message": "by the test"})["status"] == "cancelled"
     assert store.start_jobs(db, [(job["id"], 1)], "n1") == []
     assert not finish(db, job["id"], 1, "n1")
-    assert store.cancel_job(db, job["id"], t.id) is None  # already finished
+    assert store.cancel_job(db, job["id"], t.id, {"type": "cancelled", "message": "by the test"}) is None  # already finished
 
 
 def test_orphans_and_stalled_jobs_are_found(db, job):
     run(db, job["id"], 1, "gone-node")
-    assert job["id"] in {j["id"] for j in store.jobs_on_nodes_not_in(db, ["other-node"])}
-    assert job["id"] not in {j["id"] for j in store.jobs_on_nodes_not_in(db, ["gone-node"])}
+    assert job["id"] in {j["id"] for j in stranded.jobs_on_nodes_not_in(db, ["other-node"])}
+    assert job["id"] not in {j["id"] for j in stranded.jobs_on_nodes_not_in(db, ["gone-node"])}
     store.retry_job(db, job["id"], 1, {"type": "worker_lost", "message": "x"}, delay=0)
-    claimed = {j["id"]: j for j in store.claim_stalled_queued(db, older_than=0)}
+    claimed = {j["id"]: j for j in stranded.claim_stalled_queued(db, older_than=0)}
     assert claimed[job["id"]]["attempt"] == 2
     # Claiming bumps queued_at: the same job is not claimed again in the same period.
-    assert job["id"] not in {j["id"] for j in store.claim_stalled_queued(db, older_than=5)}
+    assert job["id"] not in {j["id"] for j in stranded.claim_stalled_queued(db, older_than=5)}
 
 
 def test_idempotency_key_returns_the_original_job_or_conflicts(db, tenant):
@@ -141,7 +141,7 @@ def test_idempotency_key_returns_the_original_job_or_conflicts(db, tenant):
     assert created and not created_again and again["id"] == first["id"]
     with pytest.raises(store.IdempotencyConflict):
         new_job(db, t.id, idempotency=("key-1", hashlib.sha256(b"other").digest(), 60))
-    other, _ = store.create_tenant(db, "idem-" + t.name)
+    other, _ = tenants.create_tenant(db, "idem-" + t.name)
     assert new_job(db, other.id, idempotency=("key-1", digest, 60))[1]  # keys are per tenant
 
 

@@ -1,5 +1,5 @@
 """Webhook fixtures: a real HTTP receiver on loopback (allow-listed), an internal canary server that must
-never be reached, two real webhooks worker processes (`python -m workers.webhooks`, each with its
+never be reached, two real webhooks worker processes (`python -m workers.webhook_worker`, each with its
 dispatcher) on the session's Postgres and Valkey, and the API in-process."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 
 from api import create_app
 from ops.services import free_port
-from tasks import store
+from tasks.jobs import store
 from tasks.celery_app import create_celery
-from tasks.status import JobStatus
+from tasks.jobs.status import JobStatus
 
 REPO = Path(__file__).resolve().parents[2]
 # Compressed back-off for the tests: 6 attempts over ~9 s (production: 9 over ~27 h).
@@ -184,7 +184,7 @@ def webhook_workers(webhook_settings, tmp_path_factory):
     for i in range(WORKERS):
         env = {**_env(webhook_settings), "SWITCHYARD_NODE_ID": f"test-{i}"}
         log = open(logs / f"worker-{i}.log", "wb")
-        procs.append((subprocess.Popen([sys.executable, "-m", "workers.webhooks"], cwd=REPO, env=env, stdout=log,
+        procs.append((subprocess.Popen([sys.executable, "-m", "workers.webhook_worker"], cwd=REPO, env=env, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True), logs / f"worker-{i}.log"))
     app = create_celery(webhook_settings)
     expected = {f"webhooks@test-{i}" for i in range(WORKERS)}

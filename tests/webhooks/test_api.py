@@ -8,7 +8,7 @@ import uuid
 import pytest
 from standardwebhooks import Webhook
 
-from tasks import store
+from tasks.jobs import store, tenants
 from tests.conftest import job_count
 from tests.webhooks.conftest import auth, canary_silent, internal_urls, run_to_end, wait_until
 
@@ -126,7 +126,7 @@ def test_retry_and_re_enable(db, client, tenant, receiver):
                                  if d["status"] == "delivered"], what="re-sent")
     assert [a["status_code"] for a in done["attempts"]] == [410, 200]
 
-    other_t, other_key = store.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
+    other_t, other_key = tenants.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
     assert client.get(deliveries_url, headers=auth(other_key)).status_code == 404
     assert client.post(retry_url, headers=auth(other_key)).status_code == 404
     assert client.post(f"{deliveries_url}/{uuid.uuid4()}/retry", headers=auth(key)).status_code == 404

@@ -11,8 +11,10 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tasks import signing, store, webhooks
-from tasks.status import JobStatus
+from tasks.jobs import store, tenants
+from tasks.webhooks import signing
+from tasks.webhooks import store as webhooks
+from tasks.jobs.status import JobStatus
 from tests.webhooks.conftest import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, finish,
                                      internal_urls, new_job, run_to_end, wait_until)
 
@@ -44,7 +46,7 @@ def test_events_follow_status_changes_and_subscriptions(db, tenant, receiver):
     assert not finish(db, job, JobStatus.SUCCEEDED)  # a duplicate result: no transition, no new event
     # Not subscribed to job.cancelled: no delivery row at all.
     other = new_job(db, t.id, receiver.url(path), events=["job.succeeded"])
-    assert store.cancel_job(db, other["id"], t.id)
+    assert store.cancel_job(db, other["id"], t.id, {"type": "cancelled", "message": "by the test"})
     assert deliveries(db, other["id"]) == [] and len(deliveries(db, job["id"])) == 2
 
 
@@ -53,7 +55,7 @@ def test_failed_and_cancelled_events(db, tenant, receiver):
     path = _path()
     failed, cancelled = new_job(db, t.id, receiver.url(path)), new_job(db, t.id, receiver.url(path))
     run_to_end(db, failed, JobStatus.FAILED)
-    store.cancel_job(db, cancelled["id"], t.id)
+    store.cancel_job(db, cancelled["id"], t.id, {"type": "cancelled", "message": "by the test"})
     receiver.wait(lambda rs: len([r for r in rs if r.path == path]) == 2)
     by_job = {r.event["data"]["id"]: r.event for r in receiver.at(path)}
     assert by_job[str(failed["id"])]["type"] == "job.failed"
@@ -143,7 +145,7 @@ def test_410_disables_the_endpoint_for_that_tenant(db, tenant, receiver):
     assert skipped["status"] == "dead" and "disabled" in skipped["last_error"]
     assert len(receiver.at(path)) == 1  # nothing more was sent
     # Another tenant using the same URL is not affected.
-    other, _ = store.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
+    other, _ = tenants.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
     theirs = new_job(db, other.id, receiver.url(path))
     run_to_end(db, theirs)
     assert _settled(db, theirs["id"])[0]["status"] == "delivered"
@@ -191,7 +193,7 @@ def test_real_deliveries_fail_verification_when_tampered_stale_or_under_the_wron
         Webhook(secret).verify(got.body, stale)
     with pytest.raises(WebhookVerificationError):
         Webhook(signing.new_secret()).verify(got.body, got.headers)
-    other, _ = store.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
+    other, _ = tenants.create_tenant(db, f"other-{uuid.uuid4().hex[:6]}")
     with pytest.raises(WebhookVerificationError):
         Webhook(webhooks.current_secret(db, other.id)["secret"]).verify(got.body, got.headers)
 
@@ -254,7 +256,7 @@ def test_webhooks_workers_consume_only_the_webhooks_queue(webhook_settings, webh
 
 
 def test_an_internal_error_uses_up_an_attempt_instead_of_looping(db, tenant, receiver, webhook_settings, monkeypatch):
-    from tasks import delivery
+    from tasks.webhooks import task as delivery
 
     t, _ = tenant
     path = _path()

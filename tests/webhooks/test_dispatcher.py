@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tasks.settings import Settings
-from workers import webhooks as worker
+from tasks.webhooks import dispatcher as worker
 
 
 class FakeApp:
@@ -36,8 +36,8 @@ def rows(monkeypatch):
         claimed.extend(batch)
         return batch
 
-    monkeypatch.setattr(worker.webhooks, "claim_due", claim_due)
-    monkeypatch.setattr(worker.webhooks, "release", lambda pool, ids: released.extend(ids))
+    monkeypatch.setattr(worker.store, "claim_due", claim_due)
+    monkeypatch.setattr(worker.store, "release", lambda pool, ids: released.extend(ids))
     return claimed, released
 
 

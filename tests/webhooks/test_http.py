@@ -15,9 +15,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tasks.delivery import _retry_after, post, retry_delay
+from tasks.webhooks.sender import _retry_after, post
+from tasks.webhooks.task import retry_delay
 from tasks.settings import Settings
-from tasks.ssrf import Target
+from tasks.webhooks.ssrf import Target
 from tests.webhooks.conftest import canary_silent
 
 

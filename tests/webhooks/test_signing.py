@@ -8,7 +8,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tasks import signing
+from tasks.webhooks import signing
 
 BODY = b'{"type":"job.succeeded","data":{"id":"x"}}'
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.settings import Settings
-from tasks.ssrf import AllowList, UnresolvableURL, UnsafeURL, check_url
+from tasks.webhooks.ssrf import AllowList, UnresolvableURL, UnsafeURL, check_url
 from tests.webhooks.conftest import internal_urls
 
 ALLOW = AllowList.parse(["127.0.0.1:9000"])

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 from standardwebhooks import Webhook
 
-from tasks import webhooks
+from tasks.webhooks import store as webhooks
 from tests.webhooks.conftest import new_job, run_to_end, wait_until
 
 N = 1000

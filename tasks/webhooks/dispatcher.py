@@ -1,9 +1,7 @@
-"""Webhooks worker entry point: `python -m workers.webhooks`.
+"""The webhook dispatcher: puts due deliveries on the `webhooks` queue.
 
-A Celery worker on the `webhooks` queue only (never on a GPU worker: a slow receiver must not hold an
-engine's slot), with the threads pool since sending is network-bound, plus the dispatcher thread that
-puts due deliveries on that queue. Run as many as you like: dispatchers lease rows with
-FOR UPDATE SKIP LOCKED, and each attempt is fenced by its number, so nothing is sent twice.
+Run as many as you like (one per webhooks worker): dispatchers lease rows with FOR UPDATE SKIP LOCKED,
+and each attempt is fenced by its number, so nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -12,15 +10,11 @@ import logging
 import threading
 
 import psycopg
-from celery.signals import worker_shutting_down
 
-from tasks import webhooks
-from tasks.celery_app import create_celery
-from tasks.delivery import DELIVER_TASK, QUEUE  # also registers the deliver task
-from tasks.db import make_pool
-from tasks.settings import Settings
+from tasks.names import DELIVER_TASK, WEBHOOKS_QUEUE
+from tasks.webhooks import store
 
-log = logging.getLogger("workers.webhooks")
+log = logging.getLogger(__name__)
 
 
 class Dispatcher(threading.Thread):
@@ -40,7 +34,7 @@ class Dispatcher(threading.Thread):
         while not self.stop.is_set():
             try:
                 with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {webhooks.NOTIFY_CHANNEL}")
+                    conn.execute(f"LISTEN {store.NOTIFY_CHANNEL}")
                     while not self.stop.is_set():
                         self.dispatch_due()
                         self.wait(conn)
@@ -59,40 +53,16 @@ class Dispatcher(threading.Thread):
         sent = 0
         while True:
             # Back-pressure: a backlog longer than the lease would only be dispatched again.
-            room = min(self.batch, self.queue_limit - self.app.redis.llen(QUEUE))
+            room = min(self.batch, self.queue_limit - self.app.redis.llen(WEBHOOKS_QUEUE))
             if room <= 0:
                 return sent
-            rows = webhooks.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease)
+            rows = store.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease)
             for i, row in enumerate(rows):
                 try:
-                    self.app.send_task(DELIVER_TASK, args=[str(row["id"]), row["attempts"] + 1], queue=QUEUE)
+                    self.app.send_task(DELIVER_TASK, args=[str(row["id"]), row["attempts"] + 1], queue=WEBHOOKS_QUEUE)
                 except Exception:
-                    webhooks.release(self.app.db, [r["id"] for r in rows[i:]])
+                    store.release(self.app.db, [r["id"] for r in rows[i:]])
                     raise
             sent += len(rows)
             if len(rows) < room:
                 return sent
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env().require_urls()
-    app = create_celery(settings)
-    app.db = make_pool(settings.database_url, max_size=settings.webhook_concurrency + 2, name="webhooks")
-    stop = threading.Event()
-    worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
-    Dispatcher(app, stop).start()
-    try:
-        app.Worker(
-            hostname=f"webhooks@{settings.node_id}",
-            queues=[QUEUE],
-            pool="threads",
-            concurrency=settings.webhook_concurrency,
-            loglevel="INFO",
-        ).start()
-    finally:
-        stop.set()
-
-
-if __name__ == "__main__":
-    main()

@@ -6,9 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tasks import ssrf
-from tasks.webhooks import DEFAULT_EVENTS, EVENTS
-
+from tasks.webhooks import ssrf
+from tasks.webhooks.store import DEFAULT_EVENTS, EVENTS
 
 
 def _storable(value: str) -> str:

@@ -12,8 +12,8 @@ from datetime import datetime
 
 from psycopg_pool import ConnectionPool
 
-from tasks.signing import new_secret
-from tasks.status import TERMINAL, JobStatus
+from tasks.jobs.status import TERMINAL, JobStatus
+from tasks.webhooks.signing import new_secret
 
 NOTIFY_CHANNEL = "switchyard_webhooks"
 EVENTS = tuple(f"job.{s.value}" for s in JobStatus if s is JobStatus.RUNNING or s in TERMINAL)

@@ -6,7 +6,7 @@ because an operator drains it (`drain`), because it reports its engine is not re
 or because recent jobs failed on it (passive health: a cooldown with exponential back-off).
 
 Each node also has an *assigned set*: the `job:attempt` members routed to it and not yet finished.
-Routers add to it atomically with their choice (see tasks.routing), workers remove from it when a job
+Routers add to it atomically with their choice (see tasks.routing.strategies), workers remove from it when a job
 ends, and its size is the node's outstanding-job count. A set, unlike a counter, cannot drift when a
 message is delivered twice: adding or removing a member twice changes nothing.
 """
@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import time
 
+from tasks.names import node_queue
+
 NODES_SET = "switchyard:nodes"
 _NODE_KEY = "switchyard:node:{}"
 _DRAIN_KEY = "switchyard:drain:{}"
 _COOLDOWN_KEY = "switchyard:cooldown:{}"
 _FAILURES_KEY = "switchyard:failures:{}"
 _ASSIGNED_KEY = "switchyard:assigned:{}"
-
-
-def node_queue(node_id: str) -> str:
-    return f"node.{node_id}"
 
 
 def assigned_key(node_id: str) -> str:
@@ -45,6 +43,7 @@ def heartbeat(redis, node: dict, ttl: float) -> None:
     with redis.pipeline() as pipe:
         pipe.sadd(NODES_SET, node["id"])
         pipe.set(_NODE_KEY.format(node["id"]), record, px=int(ttl * 1000))
+        pipe.persist(node_queue(node["id"]))  # a live node's queue never expires (see forget_node)
         pipe.execute()
 
 
@@ -134,6 +133,18 @@ def release(redis, node_id: str, members: list[str]) -> None:
         redis.srem(assigned_key(node_id), *members)
 
 
+#: how long a dead node's queue is kept for it to come back to
+FORGOTTEN_QUEUE_TTL = 24 * 3600
+
+
 def forget_node(redis, node_id: str) -> None:
-    """A dead node's assignments and its queue's leftover messages: its jobs were all re-routed."""
-    redis.delete(assigned_key(node_id), node_queue(node_id))
+    """A dead node's jobs were all re-routed: drop its assignments, and let its queue expire unless
+    the node comes back (its next heartbeat makes the queue persistent again).
+
+    The queue is not deleted: a node whose heartbeat merely lapsed may be back a moment later, and a
+    router may already have sent it new work. Stale messages left there are harmless (each start is
+    fenced by the job's attempt number)."""
+    with redis.pipeline() as pipe:
+        pipe.delete(assigned_key(node_id))
+        pipe.expire(node_queue(node_id), FORGOTTEN_QUEUE_TTL)
+        pipe.execute()

@@ -24,7 +24,7 @@ import json
 import random
 from functools import lru_cache
 
-from tasks import registry
+from tasks.routing import registry
 
 _CURSOR_KEY = "switchyard:routing:rr:{}"
 PREFIX_CHARS = 256  # how much of a prompt identifies its prefix when no session id is given
@@ -131,3 +131,5 @@ STRATEGIES = {
     "weighted_response_time": weighted_response_time,
     "prefix_affinity": prefix_affinity,
 }
+#: the strategies' names, in order: one `route.<name>` queue each
+NAMES = tuple(STRATEGIES)

@@ -1,8 +1,9 @@
 """The generate task: a celery-batches task on a node's own queue.
 
 The task is thin: it turns the buffered messages into (job id, attempt) pairs and hands them to the
-batch runner the GPU worker installed at boot. The runner never raises for one job's failure; each
-job's outcome is written to Postgres, so the batch's messages are acked when it returns.
+node runtime the GPU worker installed at boot (workers.node.Node). The node never raises for one job's
+failure; each job's outcome goes through the lifecycle, so the batch's messages are acked when it
+returns.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery_batches import Batches
 
-from tasks.celery_app import GENERATE_TASK
+from tasks.names import GENERATE_TASK
 
 
 class SettingsBatches(Batches):
@@ -45,8 +46,8 @@ class SettingsBatches(Batches):
     reject_on_worker_lost=True, ignore_result=True,
 )
 def generate(self, requests) -> int:
-    runner = self.app.batch_runner
-    if runner is None:
+    node = self.app.node
+    if node is None:
         raise RuntimeError("this worker has no engine: start GPU workers with `python -m workers.gpu`")
-    runner([(r.args[0], int(r.args[1])) for r in requests])
+    node([(r.args[0], int(r.args[1])) for r in requests])
     return len(requests)

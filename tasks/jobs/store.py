@@ -1,4 +1,4 @@
-"""The job store: every read and write of jobs, tenants and API keys, as visible SQL.
+"""The job store: every read and write of a job's row and its attempt log, as visible SQL.
 
 Postgres is the source of truth. Each state transition is one conditional UPDATE naming the state it
 expects and the attempt it belongs to (the fencing token), so a duplicate delivery or a late result from
@@ -7,58 +7,15 @@ an abandoned attempt changes nothing.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from tasks.status import ACTIVE, JobStatus
-
-_ACTIVE = [s.value for s in ACTIVE]
-
-
-def hash_api_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-@dataclass(frozen=True)
-class Tenant:
-    id: uuid.UUID
-    name: str
-    default_strategy: str | None
-    is_admin: bool = False
-
-
-# --- tenants and keys ---------------------------------------------------------------------------
-
-
-def create_tenant(pool: ConnectionPool, name: str, *, admin: bool = False) -> tuple[Tenant, str]:
-    """Create a tenant and its first API key; the clear key is returned once and never stored."""
-    key = "sy_" + secrets.token_urlsafe(32)
-    tenant_id = uuid.uuid4()
-    with pool.connection() as conn, conn.transaction():
-        conn.execute("INSERT INTO tenants (id, name) VALUES (%s, %s)", (tenant_id, name))
-        conn.execute(
-            "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, is_admin) VALUES (%s, %s, %s, %s, %s)",
-            (uuid.uuid4(), tenant_id, hash_api_key(key), key[:10], admin),
-        )
-    return Tenant(tenant_id, name, None, admin), key
-
-
-def tenant_for_key(pool: ConnectionPool, key: str) -> Tenant | None:
-    with pool.connection() as conn:
-        row = conn.execute(
-            """SELECT t.id, t.name, t.default_strategy, k.is_admin
-                 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-                WHERE k.key_hash = %s AND k.revoked_at IS NULL""",
-            (hash_api_key(key),),
-        ).fetchone()
-    return Tenant(row["id"], row["name"], row["default_strategy"], row["is_admin"]) if row else None
+from tasks.errors import CRASHES
+from tasks.jobs.status import ACTIVE_VALUES, JobStatus
 
 
 # --- jobs: API side -----------------------------------------------------------------------------
@@ -157,14 +114,13 @@ def list_jobs(
         ).fetchall()
 
 
-def cancel_job(pool: ConnectionPool, job_id, tenant_id) -> dict | None:
+def cancel_job(pool: ConnectionPool, job_id, tenant_id, error: dict) -> dict | None:
     """Cancel an active job; returns the updated row, or None when it is missing or already finished."""
     with pool.connection() as conn:
         return conn.execute(
-            """UPDATE jobs SET status = 'cancelled', finished_at = now(),
-                      error = '{"type": "cancelled", "message": "cancelled by the client"}'::jsonb
+            """UPDATE jobs SET status = 'cancelled', finished_at = now(), error = %s
                 WHERE id = %s AND tenant_id = %s AND status = ANY(%s) RETURNING *""",
-            (job_id, tenant_id, _ACTIVE),
+            (Jsonb(error), job_id, tenant_id, ACTIVE_VALUES),
         ).fetchone()
 
 
@@ -172,6 +128,7 @@ def cancel_job(pool: ConnectionPool, job_id, tenant_id) -> dict | None:
 
 
 def mark_routed(pool: ConnectionPool, job_id, attempt: int, node_id: str) -> dict | None:
+    """queued → routed to `node_id`; None when the job is not queued at this attempt."""
     with pool.connection() as conn:
         return conn.execute(
             """UPDATE jobs SET status = 'routed', node_id = %s, routed_at = now()
@@ -180,31 +137,26 @@ def mark_routed(pool: ConnectionPool, job_id, attempt: int, node_id: str) -> dic
         ).fetchone()
 
 
-#: Pseudo node ids of shared pull queues (settings.pull_queues, the routing benchmark's baseline): a job
-#: routed to `pull:<name>` waits on queue node.pull:<name> for whichever worker consuming it is free.
-PULL_PREFIX = "pull:"
-
-
-def pull_node_id(name: str) -> str:
-    return PULL_PREFIX + name
+def routed_node(pool: ConnectionPool, job_id, attempt: int) -> str | None:
+    """The node a job is routed to at this attempt (None unless it is `routed` at this attempt)."""
+    with pool.connection() as conn:
+        row = conn.execute("SELECT node_id FROM jobs WHERE id = %s AND attempt = %s AND status = 'routed'",
+                           (job_id, attempt)).fetchone()
+    return row["node_id"] if row else None
 
 
 def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str) -> list[dict]:
-    """routed → running for a batch; returns only the jobs this node may run (not cancelled, not stale).
-
-    A job routed to a shared pull queue (a `pull:` pseudo node) is claimed by the node that starts it:
-    only workers consuming that queue receive its message, and the attempt fences stale copies."""
+    """routed → running for a batch; returns only the jobs this node may run (not cancelled, not stale)."""
     if not items:
         return []
     ids, attempts = zip(*items)
     with pool.connection() as conn:
         return conn.execute(
-            """UPDATE jobs j SET status = 'running', started_at = now(), node_id = %s
+            """UPDATE jobs j SET status = 'running', started_at = now()
                  FROM unnest(%s::uuid[], %s::int[]) AS t(id, attempt)
-                WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed'
-                  AND (j.node_id = %s OR starts_with(j.node_id, %s))
+                WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed' AND j.node_id = %s
             RETURNING j.id, j.attempt, j.model, j.request""",
-            (node_id, list(ids), list(attempts), node_id, PULL_PREFIX),
+            (list(ids), list(attempts), node_id),
         ).fetchall()
 
 
@@ -214,9 +166,9 @@ def crash_counts(pool: ConnectionPool, job_ids: list[str]) -> dict[str, int]:
         rows = conn.execute(
             """SELECT job_id, count(*) AS n FROM job_attempts
                 WHERE job_id = ANY(%s::uuid[]) AND outcome IN ('retried', 'dead')
-                  AND error->>'type' IN ('worker_lost', 'engine_dead')
+                  AND error->>'type' = ANY(%s)
                 GROUP BY job_id""",
-            (job_ids,),
+            (job_ids, sorted(k.value for k in CRASHES)),
         ).fetchall()
     return {str(r["job_id"]): r["n"] for r in rows}
 
@@ -256,9 +208,9 @@ def fail_queued_job(pool: ConnectionPool, job_id, attempt: int, error: dict) -> 
 
 
 def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay: float = 0.0,
-              charge: bool = True) -> dict | None:
+              charge: bool = True, give_up: bool = False) -> dict | None:
     """routed|running → queued as the next attempt (due after `delay` s) after a retryable failure;
-    or → dead, with a dead letter, when the job has used its attempts.
+    or → dead, with a dead letter, when the job has used its attempts (or at once with `give_up`).
 
     The attempt count lives here, not in the broker. `charge=False` moves the fence (a new attempt
     number) without spending the job's budget: for a job that merely waited on a node that died, as
@@ -272,7 +224,7 @@ def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay:
         ).fetchone()
         if job is None or job["attempt"] != attempt or job["status"] not in ("routed", "running"):
             return None
-        if attempt < job["max_attempts"] or not charge:
+        if not give_up and (attempt < job["max_attempts"] or not charge):
             outcome = "retried" if charge else "moved"
             row = conn.execute(
                 f"""UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL, routed_at = NULL,
@@ -299,102 +251,6 @@ def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay:
             (job_id, attempt, job["node_id"], outcome, Jsonb(error)),
         )
         return row
-
-
-# --- recovery: what the reconciler looks for -----------------------------------------------------
-
-
-def jobs_on_nodes_not_in(pool: ConnectionPool, live_node_ids: list[str]) -> list[dict]:
-    """Routed or running jobs whose node is not live (its heartbeat expired, or it left)."""
-    with pool.connection() as conn:
-        return conn.execute(
-            """SELECT id, attempt, node_id, status FROM jobs
-                WHERE status IN ('routed', 'running') AND node_id <> ALL(%s::text[])""",
-            (live_node_ids,),
-        ).fetchall()
-
-
-def jobs_on_node(pool: ConnectionPool, node_id: str, statuses: tuple[str, ...]) -> list[dict]:
-    with pool.connection() as conn:
-        return conn.execute(
-            "SELECT id, attempt, node_id, status FROM jobs WHERE node_id = %s AND status = ANY(%s)",
-            (node_id, list(statuses)),
-        ).fetchall()
-
-
-def overdue_jobs(pool: ConnectionPool, *, routed_for: float, running_for: float) -> list[dict]:
-    """Jobs on live nodes that sat routed (the node-queue message was lost) or running (the node is
-    wedged) far longer than any healthy job could."""
-    with pool.connection() as conn:
-        return conn.execute(
-            """SELECT id, attempt, node_id, status FROM jobs
-                WHERE (status = 'routed' AND routed_at < now() - make_interval(secs => %s))
-                   OR (status = 'running' AND started_at < now() - make_interval(secs => %s))""",
-            (routed_for, running_for),
-        ).fetchall()
-
-
-def claim_stalled_queued(pool: ConnectionPool, *, older_than: float, limit: int = 1000) -> list[dict]:
-    """Queued jobs due for longer than `older_than` s: their route message was lost or never sent (a
-    crash between commit and publish). Their `queued_at` is bumped, so each is re-published at most
-    once per period; a duplicate message is harmless (routing is conditional on status and attempt)."""
-    with pool.connection() as conn:
-        return conn.execute(
-            f"""UPDATE jobs SET queued_at = now()
-                 WHERE id IN (SELECT id FROM jobs
-                               WHERE status = 'queued' AND queued_at < now() - make_interval(secs => %s)
-                               ORDER BY queued_at LIMIT %s FOR UPDATE SKIP LOCKED)
-             RETURNING {DISPATCH_COLUMNS}""",
-            (older_than, limit),
-        ).fetchall()
-
-
-def active_attempts(pool: ConnectionPool, job_ids: list[str]) -> dict[str, tuple[int, str | None]]:
-    """{job id: (attempt, node id)} for those of `job_ids` that are still queued, routed or running."""
-    with pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT id, attempt, node_id FROM jobs WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)",
-            (job_ids, _ACTIVE),
-        ).fetchall()
-    return {str(r["id"]): (r["attempt"], r["node_id"]) for r in rows}
-
-
-# --- dead letters ---------------------------------------------------------------------------------
-
-
-def list_dead_letters(pool: ConnectionPool, tenant_id=None, *, limit: int = 100,
-                      include_replayed: bool = False) -> list[dict]:
-    """Newest first; `tenant_id=None` lists every tenant's (admin)."""
-    with pool.connection() as conn:
-        return conn.execute(
-            """SELECT d.*, j.model, j.status AS job_status FROM dead_letters d JOIN jobs j ON j.id = d.job_id
-                WHERE (%(tenant)s::uuid IS NULL OR d.tenant_id = %(tenant)s::uuid)
-                  AND (%(all)s OR d.replayed_at IS NULL)
-                ORDER BY d.created_at DESC LIMIT %(limit)s""",
-            {"tenant": tenant_id, "all": include_replayed, "limit": limit},
-        ).fetchall()
-
-
-def replay_dead_letter(pool: ConnectionPool, dead_letter_id, tenant_id=None) -> dict | None:
-    """dead → queued as a new attempt with a fresh budget of attempts; None when there is no open dead
-    letter with that id (for that tenant). Returns the job's dispatch columns."""
-    with pool.connection() as conn, conn.transaction():
-        letter = conn.execute(
-            """UPDATE dead_letters SET replayed_at = now()
-                WHERE id = %s AND replayed_at IS NULL AND (%s::uuid IS NULL OR tenant_id = %s::uuid)
-            RETURNING job_id""",
-            (dead_letter_id, tenant_id, tenant_id),
-        ).fetchone()
-        if letter is None:
-            return None
-        return conn.execute(
-            f"""UPDATE jobs SET status = 'queued',
-                       max_attempts = attempt + COALESCE((request->>'max_attempts')::int, max_attempts),
-                       attempt = attempt + 1, node_id = NULL, routed_at = NULL, started_at = NULL,
-                       finished_at = NULL, queued_at = now()
-                 WHERE id = %s AND status = 'dead' RETURNING {DISPATCH_COLUMNS}""",
-            (letter["job_id"],),
-        ).fetchone()
 
 
 def ping(pool: ConnectionPool) -> None:

@@ -19,3 +19,6 @@ class JobStatus(str, Enum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD})
 ACTIVE = frozenset(JobStatus) - TERMINAL
+#: for SQL: `status = ANY(%s)`
+ACTIVE_VALUES = sorted(s.value for s in ACTIVE)
+TERMINAL_VALUES = sorted(s.value for s in TERMINAL)

@@ -1,0 +1,1 @@
+"""Jobs: their store, statuses, notifications, lifecycle, reconciler and the generate task."""
