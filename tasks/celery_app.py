@@ -29,7 +29,9 @@ class SwitchyardCelery(Celery):
         """The Postgres pool (named `db`: Celery's own `app.pool` is the broker connection pool)."""
         from tasks.db import make_pool
 
-        return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4)
+        # A short wait for a connection: while Postgres is down, callers (the outage ride-out) retry
+        # on their own schedule rather than sit 30 s in the pool.
+        return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4, timeout=5)
 
     def restore_unacked(self, queue: str) -> int:
         """Put back on `queue` every message Redis holds as delivered to it but not acknowledged.

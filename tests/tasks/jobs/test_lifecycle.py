@@ -1,0 +1,168 @@
+"""The lifecycle's transitions and their tails, over real Postgres and Redis with no worker or router:
+each transition's row change, the node slot it releases, the waiters it wakes and what it publishes."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from ops.testbed import fresh_database
+from tasks.celery_app import create_celery
+from tasks.db import make_pool
+from tasks.errors import ErrorKind, JobError, QueueUnavailable
+from tasks.jobs import lifecycle, notify, tenants
+from tasks.names import node_queue, route_queue
+from tasks.routing import registry
+
+NODE = "node-x"
+
+
+@pytest.fixture(scope="module")
+def app(backing, base_settings):
+    pg, valkey = backing
+    settings = base_settings.model_copy(update={
+        "database_url": fresh_database(pg.url), "redis_url": valkey.url.rsplit("/", 1)[0] + "/6"})
+    app = create_celery(settings)
+    app.db = make_pool(settings.database_url, max_size=4, name="lifecycle-test")
+    yield app
+    app.db.close()
+
+
+@pytest.fixture(autouse=True)
+def clean(app):
+    app.redis.flushdb()
+
+
+@pytest.fixture(scope="module")
+def tenant(app):
+    return tenants.create_tenant(app.db, "lifecycle")[0]
+
+
+def submit(app, tenant, **extra) -> dict:
+    row, created = lifecycle.submit(app, tenant_id=tenant.id, model="m", strategy="round_robin",
+                                    request={"prompt": "x", "max_tokens": 4}, metadata={}, max_attempts=2, **extra)
+    assert created
+    return row
+
+
+def route_args(app) -> list[list]:
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0] for m in app.redis.lrange(route_queue("round_robin"), 0, -1)]
+
+
+def node_ids(app, node=NODE) -> list[str]:
+    return [json.loads(m)["headers"]["id"] for m in app.redis.lrange(node_queue(node), 0, -1)]
+
+
+def status(app, job) -> tuple:
+    with app.db.connection() as conn:
+        row = conn.execute("SELECT status, attempt, node_id FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+    return row["status"], row["attempt"], row["node_id"]
+
+
+def routed(app, tenant) -> dict:
+    job = submit(app, tenant)
+    app.redis.sadd(registry.assigned_key(NODE), registry.member(job["id"], 1))  # as the strategy counts it
+    assert lifecycle.route(app, job["id"], 1, NODE) == NODE
+    return job
+
+
+def test_submit_publishes_to_the_strategys_queue(app, tenant):
+    job = submit(app, tenant)
+    assert route_args(app) == [[str(job["id"]), 1, "m", "round_robin", pytest.approx(route_args(app)[0][4])]]
+
+
+def test_a_refused_publish_leaves_nothing_behind(app, tenant, monkeypatch):
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(app, "send_task", broker_down)
+    with pytest.raises(QueueUnavailable):
+        lifecycle.submit(app, tenant_id=tenant.id, model="m", strategy="round_robin", request={"prompt": "lost"},
+                         metadata={}, max_attempts=2)
+    with app.db.connection() as conn:
+        assert conn.execute("SELECT count(*) AS n FROM jobs WHERE request->>'prompt' = 'lost'").fetchone()["n"] == 0
+
+
+def test_route_sends_the_node_message_named_after_the_attempt(app, tenant):
+    job = routed(app, tenant)
+    assert status(app, job) == ("routed", 1, NODE)
+    assert node_ids(app) == [registry.member(job["id"], 1)]
+
+
+def test_routing_again_resends_to_the_node_it_was_routed_to(app, tenant):
+    """A retried route message (its first try marked the job, then could not publish) sends the node
+    message again, to the node first chosen, and gives back the slot of the node chosen this time."""
+    job = routed(app, tenant)
+    app.redis.delete(node_queue(NODE))  # the first try's publish never happened
+    app.redis.sadd(registry.assigned_key("node-y"), registry.member(job["id"], 1))
+    assert lifecycle.route(app, job["id"], 1, "node-y") == NODE
+    assert node_ids(app) == [registry.member(job["id"], 1)]
+    assert not app.redis.sismember(registry.assigned_key("node-y"), registry.member(job["id"], 1))
+    assert status(app, job) == ("routed", 1, NODE)
+
+
+def test_a_stale_route_changes_nothing(app, tenant):
+    job = submit(app, tenant)
+    assert lifecycle.route(app, job["id"], 7, NODE) is None
+    assert status(app, job) == ("queued", 1, None) and node_ids(app) == []
+
+
+def test_finish_releases_the_slot_and_wakes_waiters(app, tenant):
+    job = routed(app, tenant)
+    [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
+    pubsub = app.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(notify.FINISHED_CHANNEL)
+    pubsub.get_message(timeout=1)
+    assert lifecycle.finish(app, started, NODE, result={"text": "ok"})
+    assert pubsub.get_message(timeout=2)["data"].decode() == str(job["id"])
+    assert status(app, job) == ("succeeded", 1, NODE)
+    assert app.redis.scard(registry.assigned_key(NODE)) == 0
+
+
+def test_a_superseded_attempts_result_is_discarded(app, tenant):
+    job = routed(app, tenant)
+    [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
+    lifecycle.requeue_lost(app, {**started, "node_id": NODE, "status": "running"},
+                           JobError(ErrorKind.WORKER_LOST, "gone"))
+    assert not lifecycle.finish(app, started, NODE, result={"text": "late"})
+    assert status(app, job) == ("queued", 2, None)
+
+
+def test_retry_requeues_then_dead_letters(app, tenant):
+    job = routed(app, tenant)
+    [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
+    assert lifecycle.retry(app, started, NODE, JobError(ErrorKind.ENGINE_DEAD, "boom")) == "queued"
+    assert sorted(a[1] for a in route_args(app) if a[0] == str(job["id"])) == [1, 2]  # the retry is published
+    assert lifecycle.route(app, job["id"], 2, NODE) == NODE
+    [second] = lifecycle.start(app, [(str(job["id"]), 2)], NODE)
+    assert lifecycle.retry(app, second, NODE, JobError(ErrorKind.ENGINE_DEAD, "boom")) == "dead"  # max_attempts 2
+    assert status(app, job)[0] == "dead"
+    with app.db.connection() as conn:
+        [letter] = conn.execute("SELECT * FROM dead_letters WHERE job_id = %s", (job["id"],)).fetchall()
+    assert letter["reason"] == "engine_dead"
+    replayed = lifecycle.replay(app, letter["id"])
+    assert replayed["attempt"] == 3 and status(app, job) == ("queued", 3, None)
+
+
+def test_a_job_waiting_on_a_lost_node_moves_free_of_charge(app, tenant):
+    job = routed(app, tenant)
+    assert lifecycle.requeue_lost(app, {**job, "node_id": NODE, "status": "routed"},
+                                  JobError(ErrorKind.WORKER_LOST, "gone")) == "queued"
+    with app.db.connection() as conn:
+        row = conn.execute("SELECT attempt, max_attempts FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+    assert (row["attempt"], row["max_attempts"]) == (2, 3)  # a new fence, and one more attempt to match
+
+
+def test_cancel_tells_the_node_and_the_waiters(app, tenant):
+    job = routed(app, tenant)
+    pubsub = app.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(notify.CANCEL_CHANNEL, notify.FINISHED_CHANNEL)
+    pubsub.get_message(timeout=1)
+    pubsub.get_message(timeout=1)
+    assert lifecycle.cancel(app, job["id"], tenant.id)["status"] == "cancelled"
+    heard = {pubsub.get_message(timeout=2)["channel"].decode() for _ in range(2)}
+    assert heard == {notify.CANCEL_CHANNEL, notify.FINISHED_CHANNEL}
+    assert lifecycle.cancel(app, job["id"], tenant.id) is None
+    assert lifecycle.start(app, [(str(job["id"]), 1)], NODE) == []  # a cancelled job never starts
