@@ -54,6 +54,10 @@ class JobError:
     def as_json(self) -> dict:
         return {"type": self.kind.value, "message": self.message}
 
+    @classmethod
+    def from_json(cls, value: dict) -> "JobError":
+        return cls(ErrorKind(value["type"]), value["message"])
+
 
 #: exceptions that mean "a backing service (Postgres or Redis) is briefly unreachable": Celery tasks
 #: autoretry on them, workers ride them out (tasks.retry.ride_out) and the API answers 503.

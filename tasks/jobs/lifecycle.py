@@ -232,7 +232,7 @@ def finish_parked(app) -> int:
     for member, raw in app.redis.hscan_iter(PARKED_KEY):
         outcome = json.loads(raw)
         job = {"id": outcome["id"], "attempt": outcome["attempt"]}
-        error = outcome["error"] and JobError(ErrorKind(outcome["error"]["type"]), outcome["error"]["message"])
+        error = JobError.from_json(outcome["error"]) if outcome["error"] else None
         if error is not None and error.retryable:
             retry(app, job, outcome["node_id"], error)
         else:

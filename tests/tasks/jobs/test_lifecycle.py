@@ -8,36 +8,17 @@ import json
 
 import pytest
 
-from ops.testbed import fresh_database
-from tasks.celery_app import create_celery
-from tasks.db import make_pool
 from tasks.errors import ErrorKind, JobError, QueueUnavailable
-from tasks.jobs import lifecycle, notify, tenants
+from tasks.jobs import lifecycle, notify
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
 
 NODE = "node-x"
 
 
-@pytest.fixture(scope="module")
-def app(backing, base_settings):
-    pg, valkey = backing
-    settings = base_settings.model_copy(update={
-        "database_url": fresh_database(pg.url), "redis_url": valkey.url.rsplit("/", 1)[0] + "/6"})
-    app = create_celery(settings)
-    app.db = make_pool(settings.database_url, max_size=4, name="lifecycle-test")
-    yield app
-    app.db.close()
-
-
 @pytest.fixture(autouse=True)
 def clean(app):
     app.redis.flushdb()
-
-
-@pytest.fixture(scope="module")
-def tenant(app):
-    return tenants.create_tenant(app.db, "lifecycle")[0]
 
 
 def submit(app, tenant, **extra) -> dict:

@@ -10,28 +10,13 @@ import time
 
 import pytest
 
-from ops.testbed import fresh_database
-from tasks.celery_app import create_celery
-from tasks.db import make_pool
 from tasks.errors import ErrorKind, JobError
-from tasks.jobs import lifecycle, tenants
+from tasks.jobs import lifecycle
 from tasks.jobs.reconciler import SWEEPS_KEY, Reconciler
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
 
 NODE = "live-node"
-
-
-@pytest.fixture(scope="module")
-def app(backing, base_settings):
-    pg, valkey = backing
-    settings = base_settings.model_copy(update={
-        "database_url": fresh_database(pg.url), "redis_url": valkey.url.rsplit("/", 1)[0] + "/5",
-        "node_id": "reconciler-test", "redispatch_after": 1.0})
-    app = create_celery(settings)
-    app.db = make_pool(settings.database_url, max_size=4, name="reconciler-test")
-    yield app
-    app.db.close()
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +25,6 @@ def clean(app):
     with app.db.connection() as conn:
         conn.execute("TRUNCATE jobs CASCADE")
     registry.heartbeat(app.redis, {"id": NODE, "models": ["m"], "engine_state": "ready"}, ttl=60)
-
-
-@pytest.fixture(scope="module")
-def tenant(app):
-    return tenants.create_tenant(app.db, "reconciler")[0]
 
 
 def submit(app, tenant) -> dict:
