@@ -105,9 +105,11 @@ def main() -> None:
 
     from tasks.prompting import load_tokenizer
     from workers.batch import BatchRunner
+    from workers.reaper import guard
 
     tokenizer = load_tokenizer(settings.resolved_model_path)
     engine = _make_engine(settings, tokenizer)
+    guard()  # the engine's processes must die with this one, even when it alone is SIGKILLed
     engine.start()
     app = create_celery(settings)
     runner = BatchRunner(settings=settings, pool=app.db, redis=app.redis, celery=app, engine=engine,
