@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import psycopg
 import redis as redis_lib
 
@@ -41,6 +42,38 @@ def fresh_database(server_url: str) -> str:
     url = server_url.rsplit("/", 1)[0] + "/" + name
     migrate(url, log=lambda _m: None)
     return url
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The live (non-zombie) processes of process group `pgid`."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except ProcessLookupError:
+            pass
+    return members
+
+
+def wait_group_empty(pgid: int, timeout: float) -> list[psutil.Process]:
+    """What is still live in process group `pgid` after at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (members := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return members
+
+
+def empty_group(pgid: int, grace: float = 5.0) -> None:
+    """Give what is left in process group `pgid` `grace` seconds to exit by itself, then SIGKILL it.
+    After a GPU worker exits, its reaper and the resource tracker (which unlinks the engine's shared
+    memory) need a moment; the engine of a worker SIGKILLed together with its reaper would stay for good."""
+    for proc in wait_group_empty(pgid, grace):
+        try:
+            proc.kill()  # not killpg: once the group is empty its id may be reused
+        except psutil.NoSuchProcess:
+            pass
+    wait_group_empty(pgid, grace)
 
 
 class Processes:
@@ -72,6 +105,7 @@ class Processes:
         return self.procs[name].wait(timeout)
 
     def stop(self) -> None:
+        """SIGTERM each process and wait for it, then empty its group: nothing it started survives it."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -81,6 +115,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+            empty_group(proc.pid)
 
 
 #: Faster failure detection than the defaults, so routing and failover tests run in seconds.

@@ -106,9 +106,11 @@ def main() -> None:
 
     from tasks.prompting import load_tokenizer
     from workers.node import Node
+    from workers.reaper import guard
 
     tokenizer = load_tokenizer(settings.resolved_model_path)
     engine = _make_engine(settings, tokenizer)
+    guard()  # the engine's processes must die with this one, even when it alone is SIGKILLed
     engine.start()
     app = create_celery(settings)
     node = Node(app, engine, tokenizer)
