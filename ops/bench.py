@@ -10,15 +10,46 @@ Each (fleet, strategy) run gets a fresh database, a fresh Valkey and fresh proce
   1. a warm-up of a few jobs per node (not measured), so nodes have advertised their latency;
   2. open-loop Poisson arrivals at `--load` × the fleet's capacity for `--seconds` (the same seeded
      arrival times for every run), each job in one of 50 sessions (what prefix affinity sticks to);
-  3. a wait until every job has ended.
-Latency = finished_at − created_at of a job (both Postgres's clock); throughput = jobs / (last finished −
-first created). A node's capacity is max_num_seqs / (max_tokens × seconds per token) jobs/s.
+  3. a wait until every job has ended (or 10 × `--seconds` + 120 s have passed).
+Latency = finished_at − created_at of a succeeded job (both Postgres's clock); throughput = succeeded
+jobs / (the last one's finished_at − the first submitted job's created_at). A node's capacity is
+max_num_seqs / (max_tokens × seconds per token) jobs/s.
 
-Shared-queue pull: every worker also consumes one shared queue (SWITCHYARD_PULL_QUEUES) and, with a
-prefetch of 2 × max_num_seqs messages (batch_size 1 and batch_concurrency = max_num_seqs in every run:
-max_num_seqs generating, as many waiting for a thread), takes a job when it has room. Its jobs skip the
-router: they are marked routed to the pseudo node `pull:shared` and their generate message goes straight
-onto that queue.
+Shared-queue pull, the baseline, needs no support in the service (api/, tasks/ and workers/ know
+nothing of it): its 3 workers are the same `python -m workers.gpu` processes, with the same settings
+and speeds, as in a strategy run, except that all three run as one node id, `pull`. So all three
+consume the one queue `node.pull`, and each, with its prefetch of 2 × max_num_seqs messages, takes a
+job from it when it has room. Jobs are submitted exactly as in a strategy run (lifecycle.submit, round
+robin); with a single live node id the router has only one choice, so the run differs from a strategy
+run only in where each worker takes its work from, and pays the same router hop.
+
+Why this and not something else: a bench-only worker entry in ops/ would have to copy workers.gpu's
+boot sequence (and drift from it), and could still not start a job routed to a node id other than its
+own without the removed `pull:` rule in the SQL that starts jobs; inserting jobs as `routed` past the
+router would need store calls and would skip the hop every strategy run pays. Sharing a node id runs
+the production worker unchanged; what it costs, and how the bench copes:
+
+- a worker disowns, at boot, every job its node id holds (workers.gpu._recover_previous_life): the
+  bench submits nothing until each of the three has heartbeated (its pid seen in the node's record),
+  which it does only after that step;
+- the three share one heartbeat record (liveness holds while any of them lives; the advertised
+  inflight and latencies are whichever wrote last), one assigned set and one cooldown: in this run
+  nothing reads them (one node id, round robin) and SimulatedEngine jobs do not fail;
+- jobs.node_id says `pull` for every job. To tell the workers apart, every worker of every run gets
+  PGAPPNAME=<its process name> (libpq's application_name), and a trigger the bench adds to its own
+  throwaway database (`bench_starts`, not a migration) records the application_name of the connection
+  that moved each job to `running`. "Jobs per node" comes from that record in every run; in the
+  strategy runs it is checked against jobs.node_id;
+- not a setup for production: a worker that dies leaves its jobs `running` under a node id that still
+  heartbeats, so only job_timeout would take them back. The benchmark injects no faults.
+
+A run's table row counts its submitted jobs as succeeded, failed (failed, dead or cancelled) and not
+finished (still active when the wait gave up); throughput and latency are computed from the succeeded
+jobs only. A warning is printed, and the counts stand out in the table and plot, when any job did not
+succeed.
+
+Every run's processes are stopped and checked to be gone (their process groups, Valkey, Postgres), and
+the working folder is removed (`--keep-folder` keeps it, with the processes' logs).
 
 Writes docs/bench/routing.md (table, command, machine) and docs/bench/routing.png.
 """
@@ -32,6 +63,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,58 +108,134 @@ def percentile(values: list[float], p: float) -> float:
 
 # --- one run ----------------------------------------------------------------------------------------
 
+#: The node id all three workers of the pull run share (so all three consume `node.pull`).
+PULL_NODE = "pull"
+#: Statuses counted as "failed" in the table (every terminal status but succeeded).
+UNSUCCESSFUL = ("failed", "dead", "cancelled")
+
+#: Installed by the bench in each run's own throwaway database (not a migration): which worker process
+#: (its connection's application_name, set through PGAPPNAME) moved each attempt of a job to running.
+START_LOG_SQL = """
+CREATE TABLE bench_starts (job_id uuid NOT NULL, attempt integer NOT NULL, worker text NOT NULL);
+CREATE FUNCTION bench_record_start() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_starts VALUES (NEW.id, NEW.attempt, current_setting('application_name'));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_record_start AFTER UPDATE OF status ON jobs FOR EACH ROW
+    WHEN (NEW.status = 'running' AND OLD.status <> 'running') EXECUTE FUNCTION bench_record_start();
+"""
+
+
+#: what the bench had to SIGKILL because it outlived its stop (each run's workers, router, Valkey;
+#: Postgres): reported at the end
+STRAGGLERS: list[str] = []
+
+
+def _live(pid: int, *, group: bool = False) -> list[int]:
+    """The processes still running (zombies, which are only waiting for their parent to reap them,
+    do not count) that are `pid` or, with `group`, members of process group `pid`."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: ask the kernel (a zombie then counts as running)
+        try:
+            (os.killpg if group else os.kill)(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pid]
+    live = []
+    for folder in (proc.glob("[0-9]*") if group else [proc / str(pid)]):
+        try:
+            stat = (folder / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if state != "Z" and (not group or int(pgrp) == pid):
+            live.append(int(folder.name))
+    return live
+
+
+def _ensure_gone(what: str, pid: int, *, group: bool = False, grace: float = 10.0) -> str | None:
+    """Wait up to `grace` s for a process (group) the bench started to be gone; SIGKILL what is left.
+    Returns a description of what had to be killed, or None."""
+    deadline = time.monotonic() + grace
+    while _live(pid, group=group):
+        if time.monotonic() >= deadline:
+            left = _live(pid, group=group)
+            try:
+                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return None
+            return f"{what} ({'process group' if group else 'pid'} {pid}: {left})"
+        time.sleep(0.1)
+    return None
+
 
 class Run:
     """A fresh Valkey, database and set of processes for one (fleet, strategy)."""
 
     def __init__(self, args, pg, model_path: Path, workdir: Path, fleet: str, token_seconds: list[float],
                  strategy: str):
+        import psycopg
+
         from ops.services import EmbeddedValkey, free_port
         from ops.testbed import Cluster, fresh_database
-        from tasks import store
+        from tasks.jobs.tenants import create_tenant
 
         self.args, self.fleet, self.strategy, self.token_seconds = args, fleet, strategy, token_seconds
+        self.pull = strategy == PULL
         self.dir = workdir / f"{fleet}-{strategy}"
         (self.dir / "logs").mkdir(parents=True)
+        self.cluster = None
         self.valkey = EmbeddedValkey(self.dir / "valkey", free_port()).start()
-        self.cluster = Cluster(self.dir / "logs", database_url=fresh_database(pg.url),
-                               redis_url=self.valkey.url,
-                               model_path=model_path, max_num_seqs=args.max_num_seqs, batch_size=1,
-                               batch_concurrency=args.max_num_seqs, pull_queues="shared")
-        self.tenant = store.create_tenant(self.cluster.db, "bench")[0]
+        try:
+            database_url = fresh_database(pg.url)
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(START_LOG_SQL)
+            self.cluster = Cluster(self.dir / "logs", database_url=database_url, redis_url=self.valkey.url,
+                                   model_path=model_path, max_num_seqs=args.max_num_seqs, batch_size=1,
+                                   batch_concurrency=args.max_num_seqs)
+            self.tenant = create_tenant(self.cluster.db, "bench")[0]
+        except BaseException:
+            self.close()
+            raise
 
     def start(self) -> None:
-        for node, t in zip(NODES, self.token_seconds):
-            self.cluster.start_worker(node, token_seconds=t)
+        """NODES[i] runs at token_seconds[i]; in the pull run all of them as node id `pull`."""
+        for name, t in zip(NODES, self.token_seconds):
+            self.cluster.start_worker(PULL_NODE if self.pull else name, name=name, token_seconds=t,
+                                      PGAPPNAME=name)
         self.cluster.start_router()
-        self.cluster.wait_nodes(NODES, timeout=180)
+        if self.pull:
+            self._wait_pull_workers(timeout=180)
+        else:
+            self.cluster.wait_nodes(NODES, timeout=180)
 
-    def submit(self, session: int) -> str:
-        if self.strategy != PULL:
-            return self.cluster.submit(self.tenant.id, 1, strategy=self.strategy,
-                                       max_tokens=self.args.max_tokens,
-                                       prompt=f"session {session}: hello", session_id=f"s{session}")[0]
-        return self._submit_pull(session)
-
-    def _submit_pull(self, session: int) -> str:
-        """Insert the job as the API does, then skip the router: routed to the pull queue's pseudo node.
-        Its routing_strategy (round robin) is only used if the reconciler ever has to re-route it."""
-        from tasks import registry, store
-        from tasks.celery_app import GENERATE_TASK
-        from tasks.routing import affinity_key
+    def _wait_pull_workers(self, timeout: float) -> None:
+        """Until every pull worker has heartbeated: each has then done its boot-time recovery, which
+        would otherwise take back jobs another worker of node id `pull` had started."""
+        from tasks.routing import registry
 
         c = self.cluster
-        request = {"prompt": f"session {session}: hello", "max_tokens": self.args.max_tokens,
-                   "temperature": 0, "max_attempts": 3}
-        row, _ = store.insert_job(c.db, tenant_id=self.tenant.id, model=c.settings.model_name,
-                                  strategy="round_robin", request=request, metadata={}, max_attempts=3,
-                                  session_id=f"s{session}",
-                                  affinity_key=affinity_key(f"s{session}", request))
-        node = store.pull_node_id("shared")
-        store.mark_routed(c.db, row["id"], row["attempt"], node)
-        c.celery.send_task(GENERATE_TASK, args=[str(row["id"]), row["attempt"]],
-                           queue=registry.node_queue(node))
-        return str(row["id"])
+        pending = {c.procs[name].pid: name for name in NODES}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name in pending.values():
+                if c.procs[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited with {c.procs[name].returncode}:\n{c.log(name)}")
+            for node in registry.live_nodes(c.redis):
+                if node["id"] == PULL_NODE and registry.routable(node):
+                    pending.pop(node.get("pid"), None)
+            if time.monotonic() > deadline:
+                name = next(iter(pending.values()))
+                raise RuntimeError(f"pull workers {sorted(pending.values())} not heartbeating after "
+                                   f"{timeout} s:\n{c.log(name)}")
+            time.sleep(0.05)
+
+    def submit(self, session: int) -> str:
+        """As POST /v1/jobs does; the pull run's jobs go round robin over its one node id."""
+        return self.cluster.submit(self.tenant.id, 1, strategy="round_robin" if self.pull else self.strategy,
+                                   max_tokens=self.args.max_tokens,
+                                   prompt=f"session {session}: hello", session_id=f"s{session}")[0]
 
     def drive(self, arrivals: list[float], sessions: list[int]) -> list[str]:
         """Submit at the given offsets (seconds from now); report progress every few seconds."""
@@ -149,11 +257,15 @@ class Run:
 
     def progress(self, ids: list[str], elapsed: float) -> None:
         counts = self.cluster.statuses(ids)
-        done = sum(counts[s] for s in ("succeeded", "failed", "dead", "cancelled"))
-        say(f"  {elapsed:5.1f} s: {len(ids)} submitted, {done} done, {counts['running']} running, "
-            f"{counts['routed'] + counts['queued']} waiting")
+        done = sum(counts[s] for s in ("succeeded", *UNSUCCESSFUL))
+        bad = sum(counts[s] for s in UNSUCCESSFUL)
+        say(f"  {elapsed:5.1f} s: {len(ids)} submitted, {done} done"
+            + (f" ({bad} not succeeded)" if bad else "")
+            + f", {counts['running']} running, {counts['routed'] + counts['queued']} waiting")
 
-    def wait(self, ids: list[str], timeout: float) -> list[dict]:
+    def wait(self, ids: list[str], timeout: float, *, strict: bool = True) -> list[dict]:
+        """Every job's row once all have ended. Past `timeout`: raise if `strict`, else warn and return
+        the rows as they are (the jobs still active count as not finished)."""
         deadline = time.monotonic() + timeout
         start = time.monotonic()
         while True:
@@ -162,26 +274,75 @@ class Run:
                 return self.cluster.wait_terminal(ids, timeout=min(10.0, max(0.1, left)))
             except AssertionError:
                 if time.monotonic() >= deadline:
-                    raise
+                    if strict:
+                        raise
+                    say(f"  warning: not every job ended within {timeout:.0f} s: "
+                        f"{dict(self.cluster.statuses(ids))}")
+                    return self.rows(ids)
                 self.progress(ids, self.args.seconds + time.monotonic() - start)
 
-    def close(self) -> None:
-        self.cluster.close()
+    def rows(self, ids: list[str]) -> list[dict]:
+        with self.cluster.db.connection() as conn:
+            return conn.execute("SELECT * FROM jobs WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
+
+    def workers(self, ids: list[str]) -> dict[str, str]:
+        """{job id: the worker process that started its current attempt} (from bench_starts)."""
+        with self.cluster.db.connection() as conn:
+            rows = conn.execute(
+                """SELECT s.job_id, s.worker FROM bench_starts s
+                     JOIN jobs j ON j.id = s.job_id AND j.attempt = s.attempt
+                    WHERE j.id = ANY(%s::uuid[])""", (ids,)).fetchall()
+        return {str(r["job_id"]): r["worker"] for r in rows}
+
+    def close(self) -> list[str]:
+        """Stop everything this run started, then check that it is gone: SIGKILL for what is not (each
+        worker and router has a process group of its own). Returns what had to be killed."""
+        killed = []
+        if self.cluster is not None:
+            self.cluster.close()
+            killed += [_ensure_gone(name, proc.pid, group=True) for name, proc in self.cluster.procs.items()]
+        pid = self.valkey.pid()
         self.valkey.stop()
+        if pid is not None:
+            killed.append(_ensure_gone("valkey", pid))
+        return [k for k in killed if k]
 
 
-def measure(rows: list[dict]) -> dict:
+def measure(rows: list[dict], workers: dict[str, str]) -> dict:
+    """A run's numbers. Throughput and latency count succeeded jobs only; `share` is the fraction of
+    the succeeded jobs each of NODES ran (by `workers`: job id → worker process)."""
+    statuses = Counter(r["status"] for r in rows)
     ok = [r for r in rows if r["status"] == "succeeded"]
+    failed = sum(statuses[s] for s in UNSUCCESSFUL)
+    result = {"jobs": len(rows), "succeeded": len(ok), "failed": failed,
+              "unfinished": len(rows) - len(ok) - failed, "throughput": 0.0,
+              "p50": None, "p95": None, "p99": None, "mean": None, "share": None, "unattributed": 0}
+    if not ok:
+        return result
     latencies = [(r["finished_at"] - r["created_at"]).total_seconds() for r in ok]
     span = (max(r["finished_at"] for r in ok) - min(r["created_at"] for r in rows)).total_seconds()
-    nodes = Counter(r["node_id"] for r in ok)
-    return {"jobs": len(rows), "succeeded": len(ok), "throughput": len(ok) / span,
-            **{f"p{q}": percentile(latencies, q) for q in (50, 95, 99)},
-            "mean": statistics.fmean(latencies), "share": [nodes[n] / len(ok) for n in NODES]}
+    ran = Counter(workers.get(str(r["id"])) for r in ok)
+    result |= {"throughput": len(ok) / span, **{f"p{q}": percentile(latencies, q) for q in (50, 95, 99)},
+               "mean": statistics.fmean(latencies), "share": [ran[n] / len(ok) for n in NODES],
+               "unattributed": len(ok) - sum(ran[n] for n in NODES)}
+    return result
+
+
+def not_succeeded(r: dict) -> int:
+    return r["failed"] + r["unfinished"]
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _shares(r: dict) -> str:
+    return "—" if r["share"] is None else " / ".join(f"{s:.0%}" for s in r["share"])
 
 
 def run_one(args, pg, model_path, workdir, fleet, token_seconds, strategy, arrivals, sessions) -> dict:
-    say(f"{fleet} fleet, {LABELS[strategy]}: starting a router and {len(NODES)} workers")
+    say(f"{fleet} fleet, {LABELS[strategy]}: starting a router and {len(NODES)} workers"
+        + (f" (all as node id {PULL_NODE!r})" if strategy == PULL else ""))
     run = Run(args, pg, model_path, workdir, fleet, token_seconds, strategy)
     try:
         run.start()
@@ -189,14 +350,27 @@ def run_one(args, pg, model_path, workdir, fleet, token_seconds, strategy, arriv
         run.wait(warm, timeout=120)
         say(f"  warmed up; {len(arrivals)} jobs over {args.seconds:.0f} s")
         ids = run.drive(arrivals, sessions)
-        rows = run.wait(ids, timeout=args.seconds * 10 + 120)
+        rows = run.wait(ids, timeout=args.seconds * 10 + 120, strict=False)
+        workers = run.workers(ids)
     finally:
-        run.close()
-    result = measure(rows)
-    if result["succeeded"] != result["jobs"]:
-        say(f"  warning: only {result['succeeded']} of {result['jobs']} jobs succeeded")
-    say(f"  {result['throughput']:.2f} jobs/s, p50 {result['p50']:.2f} s, p95 {result['p95']:.2f} s, "
-        f"p99 {result['p99']:.2f} s, jobs per node {' / '.join(f'{s:.0%}' for s in result['share'])}")
+        killed = run.close()
+    STRAGGLERS.extend(killed)
+    if killed:
+        say(f"  warning: killed what did not stop: {', '.join(killed)}")
+    result = measure(rows, workers)
+    if strategy != PULL:
+        wrong = sum(1 for r in rows
+                    if r["status"] == "succeeded" and workers.get(str(r["id"])) != r["node_id"])
+        if wrong:
+            say(f"  warning: for {wrong} succeeded jobs the worker in bench_starts is not jobs.node_id")
+    if not_succeeded(result):
+        say(f"  warning: only {result['succeeded']} of {result['jobs']} jobs succeeded "
+            f"({result['failed']} failed, {result['unfinished']} not finished)")
+    if result["unattributed"]:
+        say(f"  warning: {result['unattributed']} succeeded jobs have no recorded worker")
+    say(f"  {result['succeeded']}/{result['jobs']} succeeded, {result['throughput']:.2f} jobs/s, "
+        f"p50 {_seconds(result['p50'])} s, p95 {_seconds(result['p95'])} s, p99 {_seconds(result['p99'])} s, "
+        f"jobs per node {_shares(result)}")
     return result
 
 
@@ -204,45 +378,66 @@ def run_one(args, pg, model_path, workdir, fleet, token_seconds, strategy, arriv
 
 
 def table(results: dict, order: list[str], fleet_names: list[str]) -> str:
-    lines = ["| fleet | strategy | jobs | throughput (jobs/s) | × pull | p50 (s) | p95 (s) | p99 (s) | "
-             "jobs per node (1× / 2× / 4× or equal) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    """Markdown table; non-zero failed and not-finished counts are bold, so a run that lost jobs shows."""
+    lines = ["| fleet | strategy | jobs | succeeded | failed | not finished | throughput (jobs/s) | × pull | "
+             "p50 (s) | p95 (s) | p99 (s) | jobs per node (1× / 2× / 4× or equal) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for fleet in fleet_names:
         base = results.get((fleet, PULL))
         for strategy in order:
             r = results.get((fleet, strategy))
             if r is None:
                 continue
-            ratio = f"{r['throughput'] / base['throughput']:.2f}" if base else "–"
-            lines.append(f"| {fleet} | {LABELS[strategy]} | {r['jobs']} | {r['throughput']:.2f} | {ratio} | "
-                         f"{r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | "
-                         f"{' / '.join(f'{s:.0%}' for s in r['share'])} |")
+            ratio = f"{r['throughput'] / base['throughput']:.2f}" if base and base["throughput"] else "—"
+            failed, unfinished = (f"**{n}**" if n else "0" for n in (r["failed"], r["unfinished"]))
+            lines.append(f"| {fleet} | {LABELS[strategy]} | {r['jobs']} | {r['succeeded']} | {failed} | "
+                         f"{unfinished} | {r['throughput']:.2f} | {ratio} | {_seconds(r['p50'])} | "
+                         f"{_seconds(r['p95'])} | {_seconds(r['p99'])} | {_shares(r)} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, order: list[str], fleet_names: list[str], path: Path, title: str) -> None:
+    """Throughput and p95 bars (succeeded jobs); a run where some jobs did not succeed is hatched and
+    its label says how many."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / len(fleet_names)
     colours = {"heterogeneous": "#d95f02", "equal": "#1b9e77"}
-    for ax, key, ylabel in ((axes[0], "throughput", "throughput (jobs/s, higher is better)"),
-                            (axes[1], "p95", "p95 latency (s, lower is better)")):
+    flagged = False
+    for ax, key, ylabel in ((axes[0], "throughput", "throughput (succeeded jobs/s, higher is better)"),
+                            (axes[1], "p95", "p95 latency of succeeded jobs (s, lower is better)")):
         for i, fleet in enumerate(fleet_names):
             xs = [j + (i - (len(fleet_names) - 1) / 2) * width for j in range(len(order))]
-            ys = [results[(fleet, s)][key] if (fleet, s) in results else 0 for s in order]
+            runs = [results.get((fleet, s)) for s in order]
+            ys = [(r[key] or 0) if r else 0 for r in runs]
             bars = ax.bar(xs, ys, width, label=f"{fleet} fleet", color=colours.get(fleet))
-            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+            labels = []
+            for bar, r in zip(bars, runs):
+                if r is None:
+                    labels.append("")
+                    continue
+                label = "—" if r[key] is None else f"{r[key]:.1f}"
+                if not_succeeded(r):
+                    bar.set_hatch("///")
+                    label += f"\n{not_succeeded(r)} of {r['jobs']}\nnot succeeded"
+                    flagged = True
+                labels.append(label)
+            ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
         ax.set_xticks(range(len(order)), [LABELS[s].replace(" ", "\n", 1) for s in order], fontsize=9)
         ax.set_ylabel(ylabel)
-        ax.margins(y=0.15)
+        ax.margins(y=0.25 if flagged else 0.15)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    axes[0].legend(loc="lower right", fontsize=9)
-    fig.suptitle(title, fontsize=11)
+    # Patches of their own: the first bar of a fleet may be hatched.
+    axes[0].legend(handles=[Patch(color=colours.get(f), label=f"{f} fleet") for f in fleet_names],
+                   loc="lower right", fontsize=9)
+    fig.suptitle(title + ("\nhatched: runs where some jobs failed or did not finish" if flagged else ""),
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -307,10 +502,15 @@ Machine: {facts['cores']} cores ({facts['cpu']}), Python {facts['python']}, {fac
 
 {md_table}
 
-- **throughput** = jobs / (last finished − first created); **× pull** = that throughput over the
-  shared-queue pull baseline's on the same fleet, measured in the same run. Latency = finished_at −
-  created_at per job (Postgres's clock), so it includes the queueing an overloaded cluster builds up.
-- **jobs per node**: the share of the jobs each node ran (heterogeneous fleet: its 1×, 2× and 4× node).
+- **jobs**: submitted in the measured window, then how many **succeeded**, **failed** (failed, dead or
+  cancelled) and were **not finished** when the wait gave up (10 × the window + 120 s); any non-zero
+  count there is in bold. Throughput and latency count succeeded jobs only.
+- **throughput** = succeeded jobs / (the last one's finished_at − the first submitted job's
+  created_at); **× pull** = that throughput over the shared-queue pull baseline's on the same fleet,
+  measured in the same run. Latency = finished_at − created_at per succeeded job (Postgres's clock), so
+  it includes the queueing an overloaded cluster builds up.
+- **jobs per node**: the share of the succeeded jobs each worker process ran (heterogeneous fleet: its
+  1×, 2× and 4× node), from the application_name of the connection that started each job (see below).
 
 ![throughput and p95 latency per strategy](routing.png)
 
@@ -331,11 +531,17 @@ batch_concurrency = max_num_seqs, so each holds at most 2 × max_num_seqs messag
 max_num_seqs generating, as many waiting for a thread): routed jobs wait in their node's queue, and in
 pull mode a worker takes a job from the shared queue when it has room.
 
-**Shared-queue pull** (the baseline): every worker also consumes `node.pull:shared`
-(`SWITCHYARD_PULL_QUEUES=shared`); its jobs skip the router and are marked routed to the pseudo node
-`pull:shared` (the worker that starts a job claims it; the reconciler leaves such jobs alone while a live
-node consumes that queue). It needs no knowledge of node speed: a fast node simply comes back for work
-sooner.
+**Shared-queue pull** (the baseline) has no support in the service: its three workers are the same
+`python -m workers.gpu` processes with the same settings and speeds, all run as one node id, `pull`, so
+all three consume the one queue `node.pull` and each takes a job from it when it has room. Jobs are
+submitted as in the other runs (round robin); with one live node id the router has a single choice, so
+the run pays the same router hop and differs only in where each worker takes its work from. It needs
+no knowledge of node speed: a fast node simply comes back for work sooner. The bench submits nothing
+until all three have heartbeated (a worker disowns its node id's jobs at boot). Since jobs.node_id says
+`pull` for all of them, each worker runs with `PGAPPNAME` set to its own name, and a trigger the bench
+adds to its throwaway database records which connection moved each job to `running`; jobs per node
+come from that record in every run (checked against jobs.node_id in the strategy runs). Not a
+production setup: a worker that died would leave its jobs under a node id that still heartbeats.
 
 The plot needs matplotlib, an extra (`pip install -e '.[bench]'`, which `make bench` runs), not a
 dependency of the service: {plot_install_size()} on disk (`du -sh` of matplotlib and the dependencies it
@@ -368,6 +574,8 @@ def parse(argv: list[str]):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--no-write", action="store_true", help="print the table only; leave docs/bench alone")
     p.add_argument("--write", action="store_true", help="with --quick: write docs/bench all the same")
+    p.add_argument("--keep-folder", action="store_true",
+                   help="keep the working folder (databases, every process's log) instead of removing it")
     args = p.parse_args(argv)
     if args.seconds is None:
         args.seconds = 5.0 if args.quick else 25.0
@@ -380,6 +588,9 @@ def parse(argv: list[str]):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    # A SIGTERM (`timeout`, a CI job cancelled) unwinds like Ctrl-C, through the finally blocks that stop
+    # every process the bench started and remove its folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     order = [s for s in STRATEGIES + [PULL] if s in args.strategies.split(",")]
     fleet_names = [f for f in ("heterogeneous", "equal") if f in args.fleets.split(",")]
@@ -389,17 +600,20 @@ def main(argv: list[str] | None = None) -> None:
         import matplotlib  # noqa: F401 - fail now, not after the run: `pip install -e '.[bench]'`
 
     from ops.services import EmbeddedPostgres, free_port
+    from tasks.settings import Settings
     from workers.model import prepare
 
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
-    model_path = prepare(log=say)
+    model_path = prepare(Settings.from_env().cache_dir, log=say)
     speeds = fleets(args)
     rng = random.Random(args.seed)
     results: dict[tuple[str, str], dict] = {}
     workdir = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
     say(f"working folder {workdir}; {len(order)} strategies × {len(fleet_names)} fleets")
-    pg = EmbeddedPostgres(workdir / "pg", free_port()).start()
+    pg = None
     try:
+        pg = EmbeddedPostgres(workdir / "pg", free_port())
+        pg.start()
         for fleet in fleet_names:
             cap = capacity(args, speeds[fleet])
             rate = cap * args.load
@@ -415,17 +629,41 @@ def main(argv: list[str] | None = None) -> None:
                 results[(fleet, strategy)] = run_one(args, pg, model_path, workdir, fleet, speeds[fleet],
                                                      strategy, arrivals, sessions)
     finally:
-        pg.stop(mode="immediate")
+        if pg is not None:
+            stop_postgres(pg)
+        if args.keep_folder:
+            say(f"kept {workdir} (logs of every process under <fleet>-<strategy>/logs)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if workdir.exists():
+                say(f"warning: could not remove {workdir}")
+        say("every process the bench started has exited (checked in /proc)" if not STRAGGLERS else
+            f"every process the bench started has exited, {len(STRAGGLERS)} only once killed")
     minutes = (time.monotonic() - t0) / 60
     if args.no_write:
         md_table = table(results, order, fleet_names)
     else:
         md_table = write_report(args, results, order, fleet_names, started, minutes, argv)
-    shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(md_table)
+    bad = [f"{f} / {LABELS[s]}" for (f, s), r in results.items() if not_succeeded(r)]
+    if bad:
+        print(f"\nruns where not every job succeeded: {', '.join(bad)}")
     if not args.no_write:
         print(f"\nwrote {DOCS / 'routing.md'} and {DOCS / 'routing.png'} ({minutes:.1f} minutes)")
+
+
+def stop_postgres(pg) -> None:
+    """Stop the bench's Postgres and check that its postmaster is gone (SIGKILL if not)."""
+    try:
+        pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    pg.stop(mode="immediate")
+    killed = _ensure_gone("postgres", pid) if pid is not None else None
+    if killed:
+        STRAGGLERS.append(killed)
+        say(f"warning: killed what did not stop: {killed}")
 
 
 if __name__ == "__main__":

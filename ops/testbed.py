@@ -84,10 +84,10 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        # Own process group: a SIGKILL of the group takes a worker's engine children with it.
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            # Own process group: a SIGKILL of the group takes a worker's engine children with it.
+            proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **env}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -142,11 +142,14 @@ class Cluster(Processes):
 
     # -- processes ---------------------------------------------------------------------------------
 
-    def start_worker(self, node_id: str, *, simulated: bool = True, token_seconds: float = 0.002, **env: str):
+    def start_worker(self, node_id: str, *, name: str | None = None, simulated: bool = True,
+                     token_seconds: float = 0.002, **env: str):
+        """A GPU worker (`python -m workers.gpu`) for `node_id`; `name` (default: the node id) names the
+        process and its log, so several processes may share one node id."""
         extra = {"SWITCHYARD_NODE_ID": node_id, **env}
         if simulated:
             extra |= {"SWITCHYARD_ENGINE": "simulated", "SWITCHYARD_SIM_TOKEN_SECONDS": str(token_seconds)}
-        return self.start(node_id, [sys.executable, "-m", "workers.gpu"], **extra)
+        return self.start(name or node_id, [sys.executable, "-m", "workers.gpu"], **extra)
 
     def start_router(self, name: str = "router", **env: str):
         return self.start(name, [sys.executable, "-m", "workers.router"], SWITCHYARD_NODE_ID=name, **env)
