@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ops.processes import ProcessError, ProcessGroup
 from tasks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,33 +93,13 @@ def demo_key(database_url: str) -> str:
 
 # --- processes ------------------------------------------------------------------------------------
 
-
-def _pid(name: str) -> int | None:
-    try:
-        pid = int((RUN / f"{name}.pid").read_text())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+APP = ("api", "router", "worker", "webhooks", "receiver", "flower")
 
 
-_children: dict[str, subprocess.Popen] = {}
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str]) -> None:
-    if _pid(name):
-        say(f"{name}: already running (pid {_pid(name)})")
-        return
-    log = open(LOGS / f"{name}.log", "ab")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _children[name] = proc
-    (RUN / f"{name}.pid").write_text(str(proc.pid))
-    say(f"{name}: started (pid {proc.pid}, log {LOGS / f'{name}.log'})")
-
-
-def _exited(name: str) -> bool:
-    proc = _children.get(name)
-    return proc.poll() is not None if proc else _pid(name) is None
+def group(env: dict[str, str] | None = None) -> ProcessGroup:
+    """The cluster's processes: logs in .switchyard/logs, pid files in .switchyard/run, so that `down`
+    (another process) stops what `up` started."""
+    return ProcessGroup(LOGS, env, run_dir=RUN, grace=20)
 
 
 def processes(env: dict[str, str]) -> dict[str, list[str]]:
@@ -136,19 +115,17 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
     }
 
 
-def wait_ready(timeout: float = 300) -> None:
-    """Poll /readyz, printing progress, until the API, both stores and a worker are up."""
+def wait_ready(procs: ProcessGroup, timeout: float = 300) -> None:
+    """Poll /readyz, printing progress, until the API, both stores and a worker are up; fail at once,
+    with its log tail, if one of the processes exits."""
     started = time.monotonic()
     last, last_said = "", 0.0
-    while time.monotonic() - started < timeout:
-        for name in ("api", "router", "worker", "webhooks", "receiver"):
-            if _exited(name):
-                raise SystemExit(f"{name} exited; see {LOGS / f'{name}.log'}")
+
+    def ready() -> bool:
+        nonlocal last, last_said
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/readyz", timeout=5) as resp:
-                if resp.status == 200:
-                    say(f"ready after {time.monotonic() - started:.0f} s")
-                    return
+                return resp.status == 200
         except urllib.error.HTTPError as exc:
             checks = json.loads(exc.read()).get("checks", {})
             state = ", ".join(f"{k}: {v}" for k, v in checks.items())
@@ -158,8 +135,15 @@ def wait_ready(timeout: float = 300) -> None:
                 last, last_said = state, elapsed
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(1)
-    raise SystemExit(f"not ready after {timeout:.0f} s; see the logs in {LOGS}")
+        return False
+
+    try:
+        procs.wait_until(ready, timeout, "the cluster's /readyz", watch=("api", "router", "worker", "webhooks",
+                                                                        "receiver"), show=("worker", "api"),
+                         interval=1)
+    except ProcessError as exc:
+        raise SystemExit(f"{exc}\n(logs in {LOGS}; stop what did start with: make down)") from None
+    say(f"ready after {time.monotonic() - started:.0f} s")
 
 
 def _call(method: str, path: str, key: str, body: dict | None = None) -> dict:
@@ -230,9 +214,14 @@ def up(args) -> None:
     allow = [a for a in env.get("SWITCHYARD_WEBHOOK_ALLOW", "").split(",") if a.strip()]
     env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*allow, f"127.0.0.1:{RECEIVER_PORT}"])
     (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
+    procs = group(env)
     for name, argv in processes(env).items():
-        spawn(name, argv, env)
-    wait_ready()
+        if procs.running(name):
+            say(f"{name}: already running (pid {procs.pid(name)})")
+            continue
+        pid = procs.start(name, argv).pid
+        say(f"{name}: started (pid {pid}, log {procs.log_path(name)})")
+    wait_ready(procs)
     # The receiver verifies signatures with the demo tenant's secret (read on each request).
     WEBHOOK_SECRET.write_text(_call("GET", "/v1/webhooks/secret", key)["secret"])
     WEBHOOK_SECRET.chmod(0o600)
@@ -246,29 +235,13 @@ def up(args) -> None:
     say("stop everything with: make down")
 
 
-def _stop_pid(name: str, pid: int) -> None:
-    from ops.services import wait_exit
-
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if not wait_exit(pid, 20):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    say(f"{name}: stopped")
-
-
 def down(_args) -> None:
     from ops.services import EmbeddedPostgres, EmbeddedValkey
 
-    for name in ("receiver", "webhooks", "flower", "api", "router", "worker"):
-        pid = _pid(name)
-        if pid:
-            _stop_pid(name, pid)
-        (RUN / f"{name}.pid").unlink(missing_ok=True)
+    # Everything with a pid file: SIGTERM to each process group (a worker's vLLM engine processes with
+    # it), SIGKILL to what is left after 20 s.
+    for name in group().stop():
+        say(f"{name}: stopped")
     if (HOME / "pg").exists():
         EmbeddedPostgres(HOME / "pg", PG_PORT).stop()
         say("postgres: stopped")
@@ -278,8 +251,9 @@ def down(_args) -> None:
 
 
 def status(_args) -> None:
-    for name in ("api", "router", "worker", "webhooks", "receiver", "flower"):
-        pid = _pid(name)
+    procs = group()
+    for name in APP:
+        pid = procs.pid(name)
         say(f"{name}: {'running (pid %d)' % pid if pid else 'stopped'}")
 
 

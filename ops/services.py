@@ -12,11 +12,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import warnings
 from pathlib import Path
 
 import psycopg
+
+from ops.processes import NotReady, wait_gone, wait_until
 
 
 class ServiceError(RuntimeError):
@@ -35,26 +36,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_exit(pid: int, timeout: float) -> bool:
-    """Wait for process `pid` to be gone; False if it is still there after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _wait(predicate, timeout: float, what: str, log_file: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    tail = log_file.read_text()[-2000:] if log_file and log_file.exists() else ""
-    raise ServiceError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+    try:
+        wait_until(predicate, timeout, f"{what} accepting connections", logs=[log_file] if log_file else ())
+    except NotReady as exc:
+        raise ServiceError(str(exc)) from None
 
 
 class EmbeddedPostgres:
@@ -162,4 +148,4 @@ class EmbeddedValkey:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        wait_exit(pid, 10)
+        wait_gone(pid, 10)  # daemonized: not our child, so a zombie counts as gone

@@ -2,6 +2,10 @@
 workers) over a Postgres database and a Redis server of the caller's own, for the fault and routing
 tests and for the routing benchmark.
 
+Its processes are started, watched and stopped by the one harness, ops/processes.py (`Cluster` is a
+`ProcessGroup`); what is here is the test bed itself: a fresh database per cluster, the environment
+knobs, the Celery/Postgres/Redis clients and the job bookkeeping.
+
 `Cluster` workers use the real vLLM engine or, for orchestration work (routing, failover, queue
 overhead), the SimulatedEngine (SWITCHYARD_ENGINE=simulated) at a chosen speed.
 """
@@ -9,18 +13,16 @@ overhead), the SimulatedEngine (SWITCHYARD_ENGINE=simulated) at a chosen speed.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import psycopg
 import redis as redis_lib
 
+from ops.processes import ProcessGroup
 from ops.services import free_port
 from tasks.celery_app import create_celery
 from tasks.db import make_pool, migrate
@@ -29,9 +31,6 @@ from tasks.jobs.status import TERMINAL_VALUES
 from tasks.routing import registry
 from tasks.routing.strategies import affinity_key
 from tasks.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def fresh_database(server_url: str) -> str:
     """A new, migrated database on the session's Postgres server: the cluster's reconciler must not see
@@ -44,86 +43,15 @@ def fresh_database(server_url: str) -> str:
     return url
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """The live (non-zombie) processes of process group `pgid`."""
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                members.append(proc)
-        except ProcessLookupError:
-            pass
-    return members
-
-
-def wait_group_empty(pgid: int, timeout: float) -> list[psutil.Process]:
-    """What is still live in process group `pgid` after at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while (members := group_members(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return members
-
-
-def empty_group(pgid: int, grace: float = 5.0) -> None:
-    """Give what is left in process group `pgid` `grace` seconds to exit by itself, then SIGKILL it.
-    After a GPU worker exits, its reaper and the resource tracker (which unlinks the engine's shared
-    memory) need a moment; the engine of a worker SIGKILLed together with its reaper would stay for good."""
-    for proc in wait_group_empty(pgid, grace):
-        try:
-            proc.kill()  # not killpg: once the group is empty its id may be reused
-        except psutil.NoSuchProcess:
-            pass
-    wait_group_empty(pgid, grace)
-
-
-class Processes:
-    """Named child processes with their logs in one folder."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]):
-        self.log_dir, self.env = log_dir, env
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            # Own process group: a SIGKILL of the group takes a worker's engine children with it.
-            proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **env}, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str, tail: int = 4000) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-tail:]
-
-    def signal(self, name: str, sig: int, *, group: bool = True) -> None:
-        proc = self.procs[name]
-        if group:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-
-    def wait_exit(self, name: str, timeout: float) -> int:
-        return self.procs[name].wait(timeout)
-
-    def stop(self) -> None:
-        """SIGTERM each process and wait for it, then empty its group: nothing it started survives it."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for name, proc in self.procs.items():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            empty_group(proc.pid)
-
-
 #: Faster failure detection than the defaults, so routing and failover tests run in seconds.
 FAST_TIMING = {"heartbeat_interval": 0.5, "heartbeat_ttl": 3, "reconcile_interval": 0.5, "retry_backoff_base": 0.2}
 
 
-class Cluster(Processes):
-    """`fast=False` runs every process with the default timing (heartbeats, reconciler, back-off)."""
+class Cluster(ProcessGroup):
+    """The system's processes (started with `start_worker`, `start_router`, `start_api`) on their own
+    database and Redis, with fast heartbeats and reconciling (`fast=False`: the default timing), plus the
+    clients a test or the benchmark uses to submit jobs and follow them. Stopping (`close`) is the
+    harness's: SIGTERM to each process group, SIGKILL after the grace period."""
 
     def __init__(self, log_dir: Path, *, database_url: str, redis_url: str, model_path: Path, fast: bool = True,
                  **settings: str):
@@ -131,7 +59,7 @@ class Cluster(Processes):
         env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1", "SWITCHYARD_MODEL_PATH": str(model_path),
                **{f"SWITCHYARD_{k.upper()}": str(v) for k, v in settings.items()}}
-        super().__init__(log_dir, env)
+        super().__init__(log_dir, env, grace=30)
         self.settings = Settings(database_url=database_url, redis_url=redis_url, model_path=model_path,
                                  node_id="test-client")
         self.redis = redis_lib.Redis.from_url(redis_url)
@@ -139,6 +67,7 @@ class Cluster(Processes):
         self.celery = create_celery(self.settings)
         self.celery.db, self.celery.redis = self.db, self.redis
         self.api: str | None = None
+        self.api_name = "api"
 
     # -- processes ---------------------------------------------------------------------------------
 
@@ -155,38 +84,34 @@ class Cluster(Processes):
         return self.start(name, [sys.executable, "-m", "workers.router"], SWITCHYARD_NODE_ID=name, **env)
 
     def start_api(self, name: str = "api"):
-        self.api = f"http://127.0.0.1:{free_port()}"
+        self.api, self.api_name = f"http://127.0.0.1:{free_port()}", name
         return self.start(name, [sys.executable, "-m", "gunicorn", "-c", "ops/gunicorn.conf.py", "-b",
                                  self.api.removeprefix("http://"), "api.wsgi:app"])
 
     def wait_nodes(self, node_ids: list[str], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and name in node_ids:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
-            ready = {n["id"] for n in registry.live_nodes(self.redis) if registry.routable(n)}
-            if set(node_ids) <= ready:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"nodes {node_ids} not ready after {timeout} s:\n{self.log(node_ids[0])}")
+        """Until each node is live and routable in the registry; fails at once if one of them exits."""
+        self.wait_until(lambda: set(node_ids) <= {n["id"] for n in registry.live_nodes(self.redis)
+                                                  if registry.routable(n)},
+                        timeout, f"nodes {node_ids} routable", watch=node_ids, show=node_ids[:1])
 
     def wait_api(self, timeout: float = 60) -> None:
         import requests
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             try:
                 requests.get(f"{self.api}/healthz", timeout=2)
-                return
+                return True
             except requests.RequestException:  # not listening yet, or too busy starting to answer
-                time.sleep(0.2)
-        raise RuntimeError(f"API not up after {timeout} s:\n{self.log('api')}")
+                return False
+
+        self.wait_until(up, timeout, f"API {self.api}/healthz answering", watch=[self.api_name])
 
     def close(self) -> None:
-        self.stop()
-        self.db.close()
-        self.redis.close()
+        try:
+            self.stop()
+        finally:
+            self.db.close()
+            self.redis.close()
 
     # -- jobs --------------------------------------------------------------------------------------
 

@@ -61,12 +61,6 @@ def tenant(db):
     return tenants.create_tenant(db, f"tenant-{uuid.uuid4().hex[:8]}")
 
 
-def job_count(pool, tenant_id=None) -> int:
-    with pool.connection() as conn:
-        return conn.execute("SELECT count(*) AS n FROM jobs WHERE %s::uuid IS NULL OR tenant_id = %s::uuid",
-                            (tenant_id, tenant_id)).fetchone()["n"]
-
-
 @pytest.fixture
 def make_cluster(backing, model_path, tmp_path):
     """Factory for a `ops.testbed.Cluster` with its own database (on the session's Postgres) and its

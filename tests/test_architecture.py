@@ -84,3 +84,31 @@ def test_importing_the_packages_loads_no_model_and_opens_no_connection():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[] []"
+
+
+def _is_fixture(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return ast.unparse(target) in ("pytest.fixture", "fixture")
+
+
+def test_conftest_files_hold_fixtures_only_and_no_test_imports_one():
+    """Helpers live in plain modules (tests/support.py, tests/<package>/support.py), importable as such;
+    a conftest is pytest's to load, never another module's to import."""
+    misplaced, importers = [], []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        if path.name == "conftest.py":
+            for node in tree.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(map(_is_fixture,
+                                                                                        node.decorator_list)):
+                    continue
+                if isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):  # imports, docstring, setup calls
+                    continue
+                misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n.split(".")[-1] == "conftest" for n in names):
+                importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not misplaced, f"not fixtures, in conftest files: {misplaced}"
+    assert not importers, f"imports of a conftest: {importers}"

@@ -32,12 +32,3 @@ def api_redis(api_settings):
     client.flushdb()
     yield client
     client.close()
-
-
-def queued_messages(redis_client) -> int:
-    """Messages waiting on any `route.*` queue (kombu keeps each queue as a Redis list)."""
-    return sum(redis_client.llen(k) for k in redis_client.scan_iter("route.*") if redis_client.type(k) == b"list")
-
-
-def auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}

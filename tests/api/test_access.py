@@ -7,7 +7,7 @@ import time
 
 from tasks.jobs import notify, store, tenants
 from tasks.jobs.status import JobStatus
-from tests.api.conftest import auth
+from tests.support import auth
 
 
 def _submit(client, key, **extra):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from tasks.jobs import store, tenants
 from tasks.routing import registry
-from tests.api.conftest import auth, queued_messages
+from tests.api.support import queued_messages
+from tests.support import auth
 
 PROMPT = {"prompt": "hello", "max_tokens": 4}
 

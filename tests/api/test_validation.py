@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.api.conftest import auth, queued_messages
-from tests.conftest import job_count
+from tests.api.support import queued_messages
+from tests.support import auth, job_count
 
 LONG_PROMPT = "word " * 5000  # ~5000 tokens, past the 2048-token context
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from tests.integration.conftest import NODE_ID
+from tests.integration.support import NODE_ID
 from tests.integration.test_job_path import COUNTING, submit, ts, wait_for
 
 SECOND = "test-gpu-1"

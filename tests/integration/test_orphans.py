@@ -15,15 +15,16 @@ import pytest
 import redis as redis_lib
 
 from ops.services import EmbeddedValkey, free_port
-from ops.testbed import Processes, fresh_database
-from tasks import registry
+from ops.processes import ProcessGroup
+from ops.testbed import fresh_database
+from tasks.routing import registry
 from tests.workers.test_reaper import describe, running, tree, wait_gone
 from workers.reaper import reap
 
 NODE_ID = "test-orphans-0"
 
 
-def wait_routable(procs: Processes, client, timeout: float = 300) -> None:
+def wait_routable(procs: ProcessGroup, client, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not any(n["id"] == NODE_ID and registry.routable(n) for n in registry.live_nodes(client)):
         assert procs.procs["worker"].poll() is None, procs.log("worker")
@@ -41,7 +42,7 @@ def test_sigkill_of_the_worker_pid_alone_leaves_no_process(backing, base_setting
     pg, _ = backing
     valkey = EmbeddedValkey(tmp_path / "valkey", free_port()).start()
     (tmp_path / "logs").mkdir()
-    procs = Processes(tmp_path / "logs", {
+    procs = ProcessGroup(tmp_path / "logs", {
         **os.environ, "DATABASE_URL": fresh_database(pg.url), "REDIS_URL": valkey.url, "HF_HUB_OFFLINE": "1",
         "SWITCHYARD_MODEL_PATH": str(base_settings.resolved_model_path), "SWITCHYARD_NODE_ID": NODE_ID,
         "PYTHONUNBUFFERED": "1"})

@@ -9,8 +9,8 @@ import pytest
 from standardwebhooks import Webhook
 
 from tasks.jobs import store, tenants
-from tests.conftest import job_count
-from tests.webhooks.conftest import auth, canary_silent, internal_urls, run_to_end, wait_until
+from tests.support import auth, job_count
+from tests.webhooks.support import canary_silent, internal_urls, run_to_end, wait_until
 
 PROMPT = {"prompt": "Say hi", "max_tokens": 4}
 

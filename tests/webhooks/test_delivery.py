@@ -15,7 +15,7 @@ from tasks.jobs import store, tenants
 from tasks.webhooks import signing
 from tasks.webhooks import store as webhooks
 from tasks.jobs.status import JobStatus
-from tests.webhooks.conftest import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, finish,
+from tests.webhooks.support import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, finish,
                                      internal_urls, new_job, run_to_end, wait_until)
 
 pytestmark = pytest.mark.usefixtures("webhook_workers")
@@ -252,7 +252,7 @@ def test_webhooks_workers_consume_only_the_webhooks_queue(webhook_settings, webh
 
     queues = create_celery(webhook_settings).control.inspect(timeout=2).active_queues()
     assert {name: [q["name"] for q in qs] for name, qs in queues.items()} == \
-        {f"webhooks@test-{i}": ["webhooks"] for i in range(len(webhook_workers))}
+        {f"webhooks@test-{i}": ["webhooks"] for i in range(len(webhook_workers.procs))}
 
 
 def test_an_internal_error_uses_up_an_attempt_instead_of_looping(db, tenant, receiver, webhook_settings, monkeypatch):
