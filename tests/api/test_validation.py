@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tasks.routing import registry
 from tests.api.support import queued_messages
 from tests.support import auth, job_count
 
@@ -36,6 +37,7 @@ BAD_REQUESTS = [
     ("top-p-zero", {"prompt": "hi", "top_p": 0}, 422, "top_p"),
     ("unknown-model", {"prompt": "hi", "model": "gpt-9"}, 422, "gpt-9"),
     ("unknown-strategy", {"prompt": "hi", "routing": {"strategy": "random"}}, 422, "unknown routing strategy"),
+    # No live node at all here, so none advertises seed support (see test_a_seed_follows_...).
     ("seed-unsupported", {"prompt": "hi", "seed": 7, "temperature": 0.8}, 422, "seed"),
     ("bad-metadata", {"prompt": "hi", "metadata": {"k": {"nested": 1}}}, 422, "metadata"),
 ]
@@ -54,6 +56,26 @@ def test_bad_request_is_refused_with_nothing_written(client, api_redis, db, tena
     assert words in problem["detail"], problem["detail"]
     assert job_count(db, t.id) == 0
     assert queued_messages(api_redis) == 0
+
+
+@pytest.mark.parametrize("supports_seed", [False, True], ids=["engine-without-seeds", "engine-with-seeds"])
+def test_a_seed_follows_the_serving_engines_advertised_support(client, api_redis, db, tenant, api_settings,
+                                                                supports_seed):
+    """A sampled request with a seed is accepted exactly when a live node serving the model advertises
+    `supports_seed` in its heartbeat record (vLLM on CPU does not, on a GPU it does), else refused."""
+    t, key = tenant
+    node = {"id": "seed-node", "models": [api_settings.model_name], "engine_state": "ready",
+            "supports_seed": supports_seed}
+    registry.heartbeat(api_redis, node, ttl=60)
+    response = client.post("/v1/jobs", json={"prompt": "hi", "seed": 7, "temperature": 0.8, "max_tokens": 4},
+                           headers=auth(key))
+    if supports_seed:
+        assert response.status_code == 202, response.get_data(as_text=True)
+        assert response.get_json()["request"]["seed"] == 7
+        assert job_count(db, t.id) == 1 and queued_messages(api_redis) == 1
+    else:
+        assert response.status_code == 422 and "seed" in response.get_json()["detail"], response.get_json()
+        assert job_count(db, t.id) == 0 and queued_messages(api_redis) == 0
 
 
 def test_body_over_size_limit_is_413(client, api_redis, db, tenant, api_settings):

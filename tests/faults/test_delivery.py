@@ -7,6 +7,8 @@ Each test prints its counts: submitted, succeeded, lost, results accepted, resul
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
 import threading
 import time
@@ -16,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tasks.jobs import dead_letters, store, tenants
+from tasks.jobs import dead_letters, lifecycle, store, tenants
 from tasks.jobs.lifecycle import publish
+from tasks.names import route_queue
+from tasks.routing import registry
 
 
 def report(name: str, cluster, ids: list[str], rows: list[dict], **extra) -> Counter:
@@ -199,8 +203,61 @@ def test_crash_between_commit_and_publish_is_recovered(make_cluster):
     assert "republished" in cluster.log("router", tail=100_000)
 
 
-def test_a_lost_retry_publish_is_recovered_and_duplicates_are_harmless(make_cluster):
-    cluster = make_cluster(redispatch_after=1)
+def _route_messages(cluster, queue: str) -> list[tuple[bytes, list]]:
+    """(raw message, task args) of every message waiting on a route queue (a Redis list)."""
+    out = []
+    for raw in cluster.redis.lrange(queue, 0, -1):
+        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        out.append((raw, args))
+    return out
+
+
+def test_a_lost_retry_publish_is_recovered(make_cluster):
+    """A job's retry is published while no router runs; its message is then deleted from the route
+    queue (lost), and only then a router (with its reconciler) starts. The reconciler finds the job
+    queued past redispatch_after and publishes it again: it finishes, exactly once, within a bound."""
+    redispatch_after = 2.0
+    cluster = make_cluster(redispatch_after=redispatch_after, sim_fail_marker="FLAKY", cooldown_base=0.2)
+    cluster.start_worker("node-a")
+    cluster.wait_nodes(["node-a"])
+    # Attempt 1 routed by hand (what a router does), straight to node-a: no router exists yet. Its
+    # first attempt fails with an unrecognised engine error, which is retried.
+    row, _ = store.insert_job(cluster.db, tenant_id=cluster.tenant.id, model=cluster.settings.model_name,
+                              strategy="round_robin", request={"prompt": "FLAKY job", "max_tokens": 8},
+                              metadata={}, max_attempts=3)
+    job_id = str(row["id"])
+    cluster.redis.sadd(registry.assigned_key("node-a"), registry.member(job_id, 1))
+    assert lifecycle.route(cluster.celery, job_id, 1, "node-a") == "node-a"
+
+    # The retry is published to route.round_robin, where nothing consumes it ...
+    queue = route_queue("round_robin")
+    deadline = time.monotonic() + 30
+    while not (mine := [(raw, args) for raw, args in _route_messages(cluster, queue) if args[0] == job_id]):
+        assert time.monotonic() < deadline, f"no retry published: {store.get_job(cluster.db, job_id)}"
+        time.sleep(0.05)
+    [(raw, args)] = mine
+    queued = store.get_job(cluster.db, job_id)
+    assert args[1] == 2 and (queued["status"], queued["attempt"]) == ("queued", 2), (args, queued["status"])
+    # ... and lost.
+    assert cluster.redis.lrem(queue, 0, raw) == 1
+    assert not _route_messages(cluster, queue)
+
+    started = time.monotonic()
+    cluster.start_router()
+    [done] = cluster.wait_terminal([job_id], timeout=redispatch_after + 20)
+    recovered_s = time.monotonic() - started
+    outcomes = cluster.attempt_outcomes([job_id])
+    print(f"lost retry publish: {done['status']} as attempt {done['attempt']} {recovered_s:.1f} s after a "
+          f"router started (redispatch_after {redispatch_after:.0f} s); attempt log {dict(outcomes)}")
+    assert (done["status"], done["attempt"]) == ("succeeded", 2)
+    assert outcomes == {"retried": 1, "succeeded": 1}  # finished exactly once
+    assert "republished" in cluster.log("router", tail=100_000)
+    # The router's start-up (a few seconds), then at most redispatch_after + a sweep, then the job.
+    assert recovered_s <= redispatch_after + 15, recovered_s
+
+
+def test_duplicate_route_messages_are_harmless(make_cluster):
+    cluster = make_cluster()
     cluster.start_worker("node-a")
     cluster.start_router()
     cluster.wait_nodes(["node-a"])
