@@ -72,7 +72,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ops.processes import ROOT
+
 DOCS = ROOT / "docs" / "bench"
 STRATEGIES = ["round_robin", "least_connections", "weighted_response_time", "prefix_affinity"]
 PULL = "shared_queue_pull"

@@ -19,10 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ops.processes import ProcessError, ProcessGroup
+from ops.processes import ROOT, ProcessError, ProcessGroup
 from tasks.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NODE_ID = "local-gpu-0"
 
 

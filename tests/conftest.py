@@ -1,15 +1,20 @@
 """Shared fixtures: every test session starts its own Postgres (+pgvector) and Valkey on free ports, so
-nothing depends on services already running on the machine or on state left by an earlier run."""
+nothing depends on services already running on the machine or on state left by an earlier run.
+
+Tests under tests/system/ run the system as separate processes (API servers, routers, GPU and webhook
+workers): they are marked `system` (`pytest -m "not system"` runs the rest, in about a minute)."""
 
 from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
 from ops.services import EmbeddedPostgres, EmbeddedValkey, free_port
+from tests.receiver import Receiver
 from tasks.jobs import tenants
 from tasks.db import make_pool, migrate
 from tasks.settings import Settings
@@ -61,30 +66,23 @@ def tenant(db):
     return tenants.create_tenant(db, f"tenant-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.fixture
-def make_cluster(backing, model_path, tmp_path):
-    """Factory for a `ops.testbed.Cluster` with its own database (on the session's Postgres) and its
-    own Valkey server, so its reconciler sees only its own jobs and nodes."""
-    from ops.testbed import Cluster, fresh_database
+@pytest.fixture(scope="session")
+def receiver():
+    r = Receiver().start()
+    yield r
+    r.stop()
 
-    made = []
 
-    def make(*, own_postgres: bool = False, **settings):
-        pg, _ = backing
-        n = len(made)
-        own_pg = EmbeddedPostgres(tmp_path / f"pg{n}", free_port()).start() if own_postgres else None
-        valkey = EmbeddedValkey(tmp_path / f"valkey{n}", free_port()).start()
-        (tmp_path / f"logs{n}").mkdir()
-        cluster = Cluster(tmp_path / f"logs{n}", database_url=fresh_database((own_pg or pg).url),
-                          redis_url=valkey.url, model_path=model_path, **settings)
-        cluster.valkey, cluster.postgres = valkey, own_pg
-        cluster.tenant = tenants.create_tenant(cluster.db, "cluster-tenant")[0]
-        made.append(cluster)
-        return cluster
+@pytest.fixture(scope="session")
+def canary():
+    """An internal service on every local address, on a port no allow-list entry names."""
+    r = Receiver(host="0.0.0.0").start()
+    yield r
+    r.stop()
 
-    yield make
-    for cluster in made:
-        cluster.close()
-        cluster.valkey.stop()
-        if cluster.postgres:
-            cluster.postgres.stop(mode="immediate")
+
+def pytest_collection_modifyitems(config, items):
+    system = Path(__file__).parent / "system"
+    for item in items:
+        if system in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.system)

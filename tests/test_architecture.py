@@ -99,9 +99,9 @@ def test_conftest_files_hold_fixtures_only_and_no_test_imports_one():
         tree = ast.parse(path.read_text())
         if path.name == "conftest.py":
             for node in tree.body:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(map(_is_fixture,
-                                                                                        node.decorator_list)):
-                    continue
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                        any(map(_is_fixture, node.decorator_list)) or node.name.startswith("pytest_")):
+                    continue  # fixtures and pytest hooks
                 if isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):  # imports, docstring, setup calls
                     continue
                 misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno}")

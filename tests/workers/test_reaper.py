@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from ops.testbed import ROOT
+from ops.processes import ROOT
+from tests.workers.support import describe, running, tree, wait_gone
 
 # The grandchild ignores SIGTERM, like a wedged process: only a SIGKILL takes it.
 PARENT = '''
@@ -42,41 +43,6 @@ if __name__ == "__main__":
     else:
         time.sleep(600)
 '''
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants, as psutil objects (which detect a recycled pid)."""
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def running(procs) -> list[psutil.Process]:
-    alive = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def wait_gone(procs, timeout: float) -> tuple[list[psutil.Process], float]:
-    """(the processes still running after `timeout`, seconds waited)."""
-    started = time.monotonic()
-    while running(procs) and time.monotonic() - started < timeout:
-        time.sleep(0.1)
-    return running(procs), time.monotonic() - started
-
-
-def describe(procs) -> str:
-    lines = []
-    for proc in procs:
-        try:
-            lines.append(f"  {proc.pid} (parent {proc.ppid()}) {' '.join(proc.cmdline())[:110]}")
-        except psutil.NoSuchProcess:
-            lines.append(f"  {proc.pid} (gone)")
-    return "\n".join(lines)
 
 
 def start_parent(tmp_path, mode: str) -> tuple[subprocess.Popen, list[psutil.Process], Path]:

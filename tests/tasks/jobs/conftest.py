@@ -24,5 +24,5 @@ def app(backing, base_settings):
 
 
 @pytest.fixture(scope="module")
-def tenant(app):
+def app_tenant(app):
     return tenants.create_tenant(app.db, "jobs-tests")[0]

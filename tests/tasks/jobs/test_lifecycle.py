@@ -21,8 +21,8 @@ def clean(app):
     app.redis.flushdb()
 
 
-def submit(app, tenant, **extra) -> dict:
-    row, created = lifecycle.submit(app, tenant_id=tenant.id, model="m", strategy="round_robin",
+def submit(app, app_tenant, **extra) -> dict:
+    row, created = lifecycle.submit(app, tenant_id=app_tenant.id, model="m", strategy="round_robin",
                                     request={"prompt": "x", "max_tokens": 4}, metadata={}, max_attempts=2, **extra)
     assert created
     return row
@@ -42,40 +42,40 @@ def status(app, job) -> tuple:
     return row["status"], row["attempt"], row["node_id"]
 
 
-def routed(app, tenant) -> dict:
-    job = submit(app, tenant)
+def routed(app, app_tenant) -> dict:
+    job = submit(app, app_tenant)
     app.redis.sadd(registry.assigned_key(NODE), registry.member(job["id"], 1))  # as the strategy counts it
     assert lifecycle.route(app, job["id"], 1, NODE) == NODE
     return job
 
 
-def test_submit_publishes_to_the_strategys_queue(app, tenant):
-    job = submit(app, tenant)
+def test_submit_publishes_to_the_strategys_queue(app, app_tenant):
+    job = submit(app, app_tenant)
     assert route_args(app) == [[str(job["id"]), 1, "m", "round_robin", pytest.approx(route_args(app)[0][4])]]
 
 
-def test_a_refused_publish_leaves_nothing_behind(app, tenant, monkeypatch):
+def test_a_refused_publish_leaves_nothing_behind(app, app_tenant, monkeypatch):
     def broker_down(*args, **kwargs):
         raise ConnectionError("broker away")
 
     monkeypatch.setattr(app, "send_task", broker_down)
     with pytest.raises(QueueUnavailable):
-        lifecycle.submit(app, tenant_id=tenant.id, model="m", strategy="round_robin", request={"prompt": "lost"},
+        lifecycle.submit(app, tenant_id=app_tenant.id, model="m", strategy="round_robin", request={"prompt": "lost"},
                          metadata={}, max_attempts=2)
     with app.db.connection() as conn:
         assert conn.execute("SELECT count(*) AS n FROM jobs WHERE request->>'prompt' = 'lost'").fetchone()["n"] == 0
 
 
-def test_route_sends_the_node_message_named_after_the_attempt(app, tenant):
-    job = routed(app, tenant)
+def test_route_sends_the_node_message_named_after_the_attempt(app, app_tenant):
+    job = routed(app, app_tenant)
     assert status(app, job) == ("routed", 1, NODE)
     assert node_ids(app) == [registry.member(job["id"], 1)]
 
 
-def test_routing_again_resends_to_the_node_it_was_routed_to(app, tenant):
+def test_routing_again_resends_to_the_node_it_was_routed_to(app, app_tenant):
     """A retried route message (its first try marked the job, then could not publish) sends the node
     message again, to the node first chosen, and gives back the slot of the node chosen this time."""
-    job = routed(app, tenant)
+    job = routed(app, app_tenant)
     app.redis.delete(node_queue(NODE))  # the first try's publish never happened
     app.redis.sadd(registry.assigned_key("node-y"), registry.member(job["id"], 1))
     assert lifecycle.route(app, job["id"], 1, "node-y") == NODE
@@ -84,14 +84,14 @@ def test_routing_again_resends_to_the_node_it_was_routed_to(app, tenant):
     assert status(app, job) == ("routed", 1, NODE)
 
 
-def test_a_stale_route_changes_nothing(app, tenant):
-    job = submit(app, tenant)
+def test_a_stale_route_changes_nothing(app, app_tenant):
+    job = submit(app, app_tenant)
     assert lifecycle.route(app, job["id"], 7, NODE) is None
     assert status(app, job) == ("queued", 1, None) and node_ids(app) == []
 
 
-def test_finish_releases_the_slot_and_wakes_waiters(app, tenant):
-    job = routed(app, tenant)
+def test_finish_releases_the_slot_and_wakes_waiters(app, app_tenant):
+    job = routed(app, app_tenant)
     [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
     pubsub = app.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(notify.FINISHED_CHANNEL)
@@ -102,8 +102,8 @@ def test_finish_releases_the_slot_and_wakes_waiters(app, tenant):
     assert app.redis.scard(registry.assigned_key(NODE)) == 0
 
 
-def test_a_superseded_attempts_result_is_discarded(app, tenant):
-    job = routed(app, tenant)
+def test_a_superseded_attempts_result_is_discarded(app, app_tenant):
+    job = routed(app, app_tenant)
     [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
     lifecycle.requeue_lost(app, {**started, "node_id": NODE, "status": "running"},
                            JobError(ErrorKind.WORKER_LOST, "gone"))
@@ -111,8 +111,8 @@ def test_a_superseded_attempts_result_is_discarded(app, tenant):
     assert status(app, job) == ("queued", 2, None)
 
 
-def test_retry_requeues_then_dead_letters(app, tenant):
-    job = routed(app, tenant)
+def test_retry_requeues_then_dead_letters(app, app_tenant):
+    job = routed(app, app_tenant)
     [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
     assert lifecycle.retry(app, started, NODE, JobError(ErrorKind.ENGINE_DEAD, "boom")) == "queued"
     assert sorted(a[1] for a in route_args(app) if a[0] == str(job["id"])) == [1, 2]  # the retry is published
@@ -127,8 +127,8 @@ def test_retry_requeues_then_dead_letters(app, tenant):
     assert replayed["attempt"] == 3 and status(app, job) == ("queued", 3, None)
 
 
-def test_a_job_waiting_on_a_lost_node_moves_free_of_charge(app, tenant):
-    job = routed(app, tenant)
+def test_a_job_waiting_on_a_lost_node_moves_free_of_charge(app, app_tenant):
+    job = routed(app, app_tenant)
     assert lifecycle.requeue_lost(app, {**job, "node_id": NODE, "status": "routed"},
                                   JobError(ErrorKind.WORKER_LOST, "gone")) == "queued"
     with app.db.connection() as conn:
@@ -136,14 +136,14 @@ def test_a_job_waiting_on_a_lost_node_moves_free_of_charge(app, tenant):
     assert (row["attempt"], row["max_attempts"]) == (2, 3)  # a new fence, and one more attempt to match
 
 
-def test_cancel_tells_the_node_and_the_waiters(app, tenant):
-    job = routed(app, tenant)
+def test_cancel_tells_the_node_and_the_waiters(app, app_tenant):
+    job = routed(app, app_tenant)
     pubsub = app.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(notify.CANCEL_CHANNEL, notify.FINISHED_CHANNEL)
     pubsub.get_message(timeout=1)
     pubsub.get_message(timeout=1)
-    assert lifecycle.cancel(app, job["id"], tenant.id)["status"] == "cancelled"
+    assert lifecycle.cancel(app, job["id"], app_tenant.id)["status"] == "cancelled"
     heard = {pubsub.get_message(timeout=2)["channel"].decode() for _ in range(2)}
     assert heard == {notify.CANCEL_CHANNEL, notify.FINISHED_CHANNEL}
-    assert lifecycle.cancel(app, job["id"], tenant.id) is None
+    assert lifecycle.cancel(app, job["id"], app_tenant.id) is None
     assert lifecycle.start(app, [(str(job["id"]), 1)], NODE) == []  # a cancelled job never starts

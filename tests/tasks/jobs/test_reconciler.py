@@ -27,15 +27,15 @@ def clean(app):
     registry.heartbeat(app.redis, {"id": NODE, "models": ["m"], "engine_state": "ready"}, ttl=60)
 
 
-def submit(app, tenant) -> dict:
-    row, _ = lifecycle.submit(app, tenant_id=tenant.id, model="m", strategy="round_robin",
+def submit(app, app_tenant) -> dict:
+    row, _ = lifecycle.submit(app, tenant_id=app_tenant.id, model="m", strategy="round_robin",
                               request={"prompt": "x", "max_tokens": 4}, metadata={}, max_attempts=3)
     app.redis.delete(route_queue("round_robin"))  # as if a router had taken the message
     return row
 
 
-def routed(app, tenant, node: str, *, seconds_ago: float = 0.0, send: bool = True) -> dict:
-    job = submit(app, tenant)
+def routed(app, app_tenant, node: str, *, seconds_ago: float = 0.0, send: bool = True) -> dict:
+    job = submit(app, app_tenant)
     assert lifecycle.route(app, job["id"], 1, node) == node
     if not send:
         app.redis.lpop(node_queue(node))  # the message just sent (kombu pushes on the left) is lost
@@ -54,8 +54,8 @@ def messages(app, queue: str) -> list[dict]:
     return [json.loads(m) for m in app.redis.lrange(queue, 0, -1)]
 
 
-def test_a_job_on_a_dead_node_is_requeued_and_routed_again(app, tenant):
-    job = routed(app, tenant, "dead-node")
+def test_a_job_on_a_dead_node_is_requeued_and_routed_again(app, app_tenant):
+    job = routed(app, app_tenant, "dead-node")
     counts = Reconciler(app).sweep()
     assert counts["rerouted"] == 1
     after = row(app, job)
@@ -66,8 +66,8 @@ def test_a_job_on_a_dead_node_is_requeued_and_routed_again(app, tenant):
     assert app.redis.ttl(node_queue("dead-node")) > 0
 
 
-def test_a_node_that_comes_back_keeps_its_queue(app, tenant):
-    routed(app, tenant, "flaky-node")
+def test_a_node_that_comes_back_keeps_its_queue(app, app_tenant):
+    routed(app, app_tenant, "flaky-node")
     Reconciler(app).sweep()
     assert app.redis.ttl(node_queue("flaky-node")) > 0
     registry.heartbeat(app.redis, {"id": "flaky-node", "models": ["m"]}, ttl=60)
@@ -75,10 +75,10 @@ def test_a_node_that_comes_back_keeps_its_queue(app, tenant):
     assert app.redis.llen(node_queue("flaky-node")) == 1
 
 
-def test_a_routed_job_whose_message_is_lost_is_sent_again(app, tenant):
-    lost = routed(app, tenant, NODE, seconds_ago=5, send=False)
-    kept = routed(app, tenant, NODE, seconds_ago=5)
-    fresh = routed(app, tenant, NODE, seconds_ago=0, send=False)  # not yet suspect
+def test_a_routed_job_whose_message_is_lost_is_sent_again(app, app_tenant):
+    lost = routed(app, app_tenant, NODE, seconds_ago=5, send=False)
+    kept = routed(app, app_tenant, NODE, seconds_ago=5)
+    fresh = routed(app, app_tenant, NODE, seconds_ago=0, send=False)  # not yet suspect
     counts = Reconciler(app).sweep()
     assert counts["resent"] == 1
     ids = [m["headers"]["id"] for m in messages(app, node_queue(NODE))]
@@ -86,8 +86,8 @@ def test_a_routed_job_whose_message_is_lost_is_sent_again(app, tenant):
     assert row(app, fresh)["status"] == row(app, lost)["status"] == "routed"
 
 
-def test_a_message_delivered_but_unacked_counts_as_present(app, tenant):
-    job = routed(app, tenant, NODE, seconds_ago=5)
+def test_a_message_delivered_but_unacked_counts_as_present(app, app_tenant):
+    job = routed(app, app_tenant, NODE, seconds_ago=5)
     [raw] = app.redis.lrange(node_queue(NODE), 0, -1)
     app.redis.delete(node_queue(NODE))
     with app.connection_for_write() as conn:  # as the worker's prefetch leaves it: in the unacked hash
@@ -96,16 +96,16 @@ def test_a_message_delivered_but_unacked_counts_as_present(app, tenant):
     assert row(app, job)["status"] == "routed"
 
 
-def test_a_queued_job_without_its_message_is_published_again(app, tenant):
-    job = submit(app, tenant)
+def test_a_queued_job_without_its_message_is_published_again(app, app_tenant):
+    job = submit(app, app_tenant)
     with app.db.connection() as conn:
         conn.execute("UPDATE jobs SET queued_at = now() - interval '5 s' WHERE id = %s", (job["id"],))
     assert Reconciler(app).sweep()["republished"] == 1
     assert len(messages(app, route_queue("round_robin"))) == 1
 
 
-def test_a_parked_outcome_is_recorded(app, tenant):
-    job = routed(app, tenant, NODE)
+def test_a_parked_outcome_is_recorded(app, app_tenant):
+    job = routed(app, app_tenant, NODE)
     [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
     lifecycle.park(app, started, NODE, result={"text": "kept", "finish_reason": "stop", "usage": {}})
     assert Reconciler(app).sweep()["parked"] == 1
@@ -114,8 +114,8 @@ def test_a_parked_outcome_is_recorded(app, tenant):
     assert not app.redis.exists(lifecycle.PARKED_KEY)
 
 
-def test_a_parked_retryable_failure_is_retried(app, tenant):
-    job = routed(app, tenant, NODE)
+def test_a_parked_retryable_failure_is_retried(app, app_tenant):
+    job = routed(app, app_tenant, NODE)
     [started] = lifecycle.start(app, [(str(job["id"]), 1)], NODE)
     lifecycle.park(app, started, NODE, error=JobError(ErrorKind.ENGINE_DEAD, "boom"))
     Reconciler(app).sweep()

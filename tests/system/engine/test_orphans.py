@@ -18,7 +18,7 @@ from ops.services import EmbeddedValkey, free_port
 from ops.processes import ProcessGroup
 from ops.testbed import fresh_database
 from tasks.routing import registry
-from tests.workers.test_reaper import describe, running, tree, wait_gone
+from tests.workers.support import describe, running, tree, wait_gone
 from workers.reaper import reap
 
 NODE_ID = "test-orphans-0"

@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tasks.webhooks import store as webhooks
-from tests.webhooks.support import new_job, run_to_end, wait_until
+from tests.system.webhooks.support import new_job, run_to_end, wait_until
 
 N = 1000
 

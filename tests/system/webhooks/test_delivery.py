@@ -15,8 +15,8 @@ from tasks.jobs import store, tenants
 from tasks.webhooks import signing
 from tasks.webhooks import store as webhooks
 from tasks.jobs.status import JobStatus
-from tests.webhooks.support import (JITTER, SCHEDULE, Receiver, attempts, canary_silent, deliveries, finish,
-                                     internal_urls, new_job, run_to_end, wait_until)
+from tests.receiver import Receiver, canary_silent, internal_urls
+from tests.system.webhooks.support import JITTER, SCHEDULE, attempts, deliveries, finish, new_job, run_to_end, wait_until
 
 pytestmark = pytest.mark.usefixtures("webhook_workers")
 

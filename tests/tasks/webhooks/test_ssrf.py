@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from tasks.settings import Settings
 from tasks.webhooks.ssrf import AllowList, UnresolvableURL, UnsafeURL, check_url
-from tests.webhooks.support import internal_urls
+from tests.receiver import internal_urls
 
 ALLOW = AllowList.parse(["127.0.0.1:9000"])
 

@@ -8,8 +8,8 @@ import signal
 import sys
 import time
 
-from tests.integration.support import NODE_ID
-from tests.integration.test_job_path import COUNTING, submit, ts, wait_for
+from tests.system.engine.support import NODE_ID
+from tests.system.engine.test_job_path import COUNTING, submit, ts, wait_for
 
 SECOND = "test-gpu-1"
 

@@ -12,7 +12,7 @@ from ops.services import EmbeddedValkey, free_port
 from ops.testbed import fresh_database
 from tasks.db import make_pool
 from tasks.jobs import tenants
-from tests.integration.support import NODE_ID, Stack
+from tests.system.engine.support import NODE_ID, Stack
 from tests.support import auth
 
 

@@ -13,7 +13,7 @@ import requests
 
 from tasks.routing import registry
 
-from tests.integration.support import NODE_ID
+from tests.system.engine.support import NODE_ID
 
 # Greedy decoding of a counting prompt keeps the model going until max_tokens: a reliably long job.
 COUNTING = {"prompt": "Count from 1 to 2000, separated by commas: 1, 2, 3, 4, 5,", "temperature": 0}

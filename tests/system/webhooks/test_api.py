@@ -10,7 +10,8 @@ from standardwebhooks import Webhook
 
 from tasks.jobs import store, tenants
 from tests.support import auth, job_count
-from tests.webhooks.support import canary_silent, internal_urls, run_to_end, wait_until
+from tests.receiver import canary_silent, internal_urls
+from tests.system.webhooks.support import run_to_end, wait_until
 
 PROMPT = {"prompt": "Say hi", "max_tokens": 4}
 

@@ -1,5 +1,5 @@
-"""Webhook fixtures: a real HTTP receiver on loopback (allow-listed), an internal canary server that must
-never be reached, two real webhooks worker processes (`python -m workers.webhook_worker`, each with its
+"""Webhook fixtures: allow-listed settings for the receiver on loopback (tests/conftest.py starts it and
+the canary that must never be reached), two real webhooks worker processes (`python -m workers.webhook_worker`, each with its
 dispatcher) on the session's Postgres and Valkey, and the API in-process."""
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ from api import create_app
 from ops.processes import ProcessGroup
 from ops.services import free_port
 from tasks.celery_app import create_celery
-from tests.webhooks.support import JITTER, SCHEDULE, WORKERS, Receiver, worker_env
-
-
-@pytest.fixture(scope="session")
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="session")
-def canary():
-    """An internal service on every local address, on a port no allow-list entry names."""
-    r = Receiver(host="0.0.0.0").start()
-    yield r
-    r.stop()
+from tests.system.webhooks.support import JITTER, SCHEDULE, WORKERS, worker_env
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from tasks.webhooks.sender import _retry_after, post
 from tasks.webhooks.task import retry_delay
 from tasks.settings import Settings
 from tasks.webhooks.ssrf import Target
-from tests.webhooks.support import canary_silent
+from tests.receiver import canary_silent
 
 
 def test_connects_to_the_checked_address_and_names_the_host(receiver):

@@ -1,7 +1,7 @@
 """Failover: a node killed without warning while it holds work (SIGKILL), on real processes.
 
 The SimulatedEngine stands in for vLLM here (this is about routing and recovery, with 300 jobs);
-tests/integration/test_failover_real.py does the same with the real engine."""
+tests/system/engine/test_failover_real.py does the same with the real engine."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Delivery guarantees under faults, on real processes over real Redis and Postgres: every job is
 accounted for. The SimulatedEngine stands in for vLLM (volume); the real-engine case is in
-tests/integration/test_failover_real.py.
+tests/system/engine/test_failover_real.py.
 
 Each test prints its counts: submitted, succeeded, lost, results accepted, results discarded
 (duplicates: work done twice whose second result was fenced off), and the time to recover."""
