@@ -65,7 +65,7 @@ def say(message: str) -> None:
 def backing_services() -> dict[str, str]:
     from ops.services import EmbeddedPostgres, EmbeddedValkey
 
-    urls = {"DATABASE_URL": os.environ.get("DATABASE_URL"), "REDIS_URL": os.environ.get("REDIS_URL")}
+    urls = {"DATABASE_URL": _SETTINGS.database_url, "REDIS_URL": _SETTINGS.redis_url}
     if not urls["DATABASE_URL"]:
         say(f"embedded PostgreSQL 18 + pgvector on 127.0.0.1:{PG_PORT} (data in {HOME / 'pg'})")
         urls["DATABASE_URL"] = EmbeddedPostgres(HOME / "pg", PG_PORT).start().url
@@ -210,8 +210,7 @@ def up(args) -> None:
     prepare(_SETTINGS.cache_dir, log=say)
     env = {**os.environ, **urls, "HF_HUB_OFFLINE": "1", "SWITCHYARD_NODE_ID": NODE_ID, "PYTHONUNBUFFERED": "1"}
     # The local receiver is on loopback, which the SSRF guard refuses unless it is allow-listed.
-    allow = [a for a in env.get("SWITCHYARD_WEBHOOK_ALLOW", "").split(",") if a.strip()]
-    env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*allow, f"127.0.0.1:{RECEIVER_PORT}"])
+    env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*_SETTINGS.webhook_allow, f"127.0.0.1:{RECEIVER_PORT}"])
     (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
     procs = group(env)
     for name, argv in processes(env).items():
