@@ -72,6 +72,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ops import processes
 from ops.processes import ROOT
 
 DOCS = ROOT / "docs" / "bench"
@@ -133,42 +134,16 @@ CREATE TRIGGER bench_record_start AFTER UPDATE OF status ON jobs FOR EACH ROW
 STRAGGLERS: list[str] = []
 
 
-def _live(pid: int, *, group: bool = False) -> list[int]:
-    """The processes still running (zombies, which are only waiting for their parent to reap them,
-    do not count) that are `pid` or, with `group`, members of process group `pid`."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: ask the kernel (a zombie then counts as running)
-        try:
-            (os.killpg if group else os.kill)(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pid]
-    live = []
-    for folder in (proc.glob("[0-9]*") if group else [proc / str(pid)]):
-        try:
-            stat = (folder / "stat").read_text()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
-        if state != "Z" and (not group or int(pgrp) == pid):
-            live.append(int(folder.name))
-    return live
-
-
-def _ensure_gone(what: str, pid: int, *, group: bool = False, grace: float = 10.0) -> str | None:
-    """Wait up to `grace` s for a process (group) the bench started to be gone; SIGKILL what is left.
-    Returns a description of what had to be killed, or None."""
-    deadline = time.monotonic() + grace
-    while _live(pid, group=group):
-        if time.monotonic() >= deadline:
-            left = _live(pid, group=group)
-            try:
-                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return None
-            return f"{what} ({'process group' if group else 'pid'} {pid}: {left})"
-        time.sleep(0.1)
-    return None
+def _ensure_gone(what: str, pid: int, *, grace: float = 10.0) -> str | None:
+    """Wait up to `grace` s for a daemon the bench started (Valkey, Postgres: not started through the
+    process harness) to be gone; SIGKILL it if not. Returns a description of what had to be killed."""
+    if processes.wait_gone(pid, grace):
+        return None
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    return f"{what} (pid {pid})"
 
 
 class Run:
@@ -296,12 +271,12 @@ class Run:
         return {str(r["job_id"]): r["worker"] for r in rows}
 
     def close(self) -> list[str]:
-        """Stop everything this run started, then check that it is gone: SIGKILL for what is not (each
-        worker and router has a process group of its own). Returns what had to be killed."""
+        """Stop everything this run started and check that it is gone. The workers and the router stop
+        through the process harness (each process group SIGTERMed, SIGKILLed after the grace period; it
+        raises if anything survives); Valkey is checked here. Returns what had to be killed."""
         killed = []
         if self.cluster is not None:
             self.cluster.close()
-            killed += [_ensure_gone(name, proc.pid, group=True) for name, proc in self.cluster.procs.items()]
         pid = self.valkey.pid()
         self.valkey.stop()
         if pid is not None:

@@ -50,6 +50,13 @@ def result_of(completion) -> dict:
     return {"text": completion.text.replace("\x00", ""), "finish_reason": completion.finish_reason, "usage": usage}
 
 
+def _report(on_outcome, outcome: Outcome) -> None:
+    try:
+        on_outcome(outcome)
+    except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
+        log.exception("job %s: could not record its outcome", outcome.job["id"])
+
+
 class BatchCore:
     """Drives one engine for many batches at once (one per pool thread); knows which job runs where,
     so a cancelled job's generation can be aborted."""
@@ -77,7 +84,7 @@ class BatchCore:
         for job in jobs:
             submitted = self._submit(job)
             if isinstance(submitted, JobError):
-                on_outcome(Outcome(job, error=submitted))
+                _report(on_outcome, Outcome(job, error=submitted))
             else:
                 pending[submitted[0]] = (job, submitted[1], time.monotonic())
         deadline = time.monotonic() + self.job_timeout
@@ -89,11 +96,7 @@ class BatchCore:
             for future in done:
                 job, generation, submitted_at = pending.pop(future)
                 self._forget(job)
-                outcome = self._outcome(job, generation, future, time.monotonic() - submitted_at)
-                try:
-                    on_outcome(outcome)
-                except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
-                    log.exception("job %s: could not record its outcome", job["id"])
+                _report(on_outcome, self._outcome(job, generation, future, time.monotonic() - submitted_at))
 
     def _submit(self, job: dict):
         """Start one generation: (future, engine generation), or the JobError that refuses it."""
@@ -117,19 +120,27 @@ class BatchCore:
             completion = future.result()
         except EngineError as exc:
             if exc.kind is ErrorKind.ENGINE_DEAD:
-                self.engine.restart(generation)
+                self._restart(generation)
             return Outcome(job, error=exc.job_error(), seconds=seconds)
         except Exception as exc:  # noqa: BLE001 - an engine failure nobody classified: worth another attempt
             log.exception("job %s: unrecognised engine failure", job["id"])
             return Outcome(job, error=JobError(ErrorKind.ENGINE_ERROR, f"the engine failed: {exc!r}"), seconds=seconds)
         return Outcome(job, result=result_of(completion), seconds=seconds)
 
+    def _restart(self, generation: int) -> None:
+        """Rebuild a dead engine; a failed rebuild is logged, not raised (the jobs' outcomes still stand,
+        and the node's probe reports the engine's state to the routers)."""
+        try:
+            self.engine.restart(generation)
+        except Exception:  # noqa: BLE001
+            log.exception("the engine could not be restarted")
+
     def _time_out(self, pending: dict, on_outcome) -> None:
         for job, _generation, _t in pending.values():
             self._forget(job)
             self.engine.abort(request_id(job))
-            on_outcome(Outcome(job, error=JobError(ErrorKind.TIMEOUT,
-                                                   f"generation ran past {self.job_timeout} s")))
+            _report(on_outcome, Outcome(job, error=JobError(ErrorKind.TIMEOUT,
+                                                            f"generation ran past {self.job_timeout} s")))
 
     def _forget(self, job: dict) -> None:
         with self._lock:

@@ -89,7 +89,9 @@ class Node:
         self.core.abort(job_id)
 
     def __call__(self, items: list[tuple[str, int]]) -> None:
-        crashes = self._durably(lambda: store.crash_counts(self.app.db, [i for i, _ in items]), "reading crash counts")
+        # Only a retried job can have crashed before; first attempts skip the query.
+        retried = [i for i, a in items if a > 1]
+        crashes = self._durably(lambda: store.crash_counts(self.app.db, retried), "reading crash counts") if retried else {}
         normal = [(i, a) for i, a in items if crashes.get(str(i), 0) < SOLO_AFTER_CRASHES]
         if normal:
             with self._gate.shared():
@@ -124,7 +126,8 @@ class Node:
         except TRANSIENT:
             log.error("job %s: Postgres unreachable past the outage tolerance; parking its outcome in Redis",
                       job["id"])
-            lifecycle.park(self.app, job, self.node_id, result=outcome.result, error=error)
+            self._durably(lambda: lifecycle.park(self.app, job, self.node_id, result=outcome.result, error=error),
+                          f"parking job {job['id']}")
 
     def _healthy(self, outcome: Outcome) -> None:
         """Update the EWMA latencies the heartbeat advertises (weighted response time reads them)."""

@@ -1,7 +1,7 @@
 """The job lifecycle: one function per transition, each the only place that transition happens.
 
     queued ─route→ routed ─start→ running ─finish→ succeeded | failed
-       │  ↖──────── retry / requeue_lost ───────────┘     (or dead_letter → dead, once out of attempts)
+       │  ↖──────── retry / requeue_lost ───────────┘     (retry → dead, dead-lettered, once out of attempts)
        ├─fail_unroutable→ failed                         cancel: any active status → cancelled
        └─ (dead ─replay→ queued)
 
@@ -27,8 +27,8 @@ import time
 
 import redis as redis_lib
 
-from tasks.errors import ErrorKind, JobError, QueueUnavailable
-from tasks.jobs import dead_letters, notify, store
+from tasks.errors import TRANSIENT, ErrorKind, JobError, QueueUnavailable
+from tasks.jobs import dead_letters, notify, store, stranded
 from tasks.jobs.status import JobStatus
 from tasks.names import GENERATE_TASK, ROUTE_TASK, node_queue, route_queue
 from tasks.retry import backoff
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: finished attempts whose outcome could not reach Postgres in time: {job:attempt: outcome JSON}
 PARKED_KEY = "switchyard:parked"
+#: what a broker or Redis call may raise: a short outage, or Redis refusing a write (out of memory)
+_REDIS_FAILURES = (*TRANSIENT, redis_lib.RedisError)
 
 
 # --- the tail ---------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ PARKED_KEY = "switchyard:parked"
 def _best_effort(what: str, fn) -> None:
     try:
         fn()
-    except redis_lib.RedisError as exc:
+    except _REDIS_FAILURES as exc:
         log.warning("%s failed (%r); the reconciler will repair it", what, exc)
 
 
@@ -95,7 +97,7 @@ def submit(app, **job) -> tuple[dict, bool]:
     if created:
         try:
             publish(app, row)
-        except Exception as exc:
+        except _REDIS_FAILURES as exc:
             store.delete_unpublished_job(app.db, row["id"])
             raise QueueUnavailable("the job queue is unreachable; nothing was stored") from exc
     return row, created
@@ -109,12 +111,20 @@ def route(app, job_id, attempt: int, node_id: str) -> str | None:
     not publish, or its router died in between) is sent again to the node it was routed to: a
     duplicate message is harmless, since a start is fenced by the attempt."""
     if store.mark_routed(app.db, job_id, attempt, node_id) is None:
-        _release(app, node_id, job_id, attempt)
-        node_id = store.routed_node(app.db, job_id, attempt)
-        if node_id is None:
+        routed_to = store.routed_node(app.db, job_id, attempt)
+        if routed_to != node_id:  # the strategy counted the job on a node it is not going to
+            _release(app, node_id, job_id, attempt)
+        if routed_to is None:
             return None  # cancelled meanwhile, or a stale message for an older attempt
+        node_id = routed_to
     send_to_node(app, job_id, attempt, node_id)
     return node_id
+
+
+def wait_for_node(app, job_id, attempt: int) -> bool:
+    """A queued job finds no routable node yet: keep it queued (and out of the reconciler's stalled
+    jobs) while its route message waits; False when it moved on, so the message can be dropped."""
+    return store.mark_waiting(app.db, job_id, attempt)
 
 
 def fail_unroutable(app, job_id, attempt: int, error: JobError) -> bool:
@@ -130,10 +140,13 @@ def start(app, items: list[tuple[str, int]], node_id: str) -> list[dict]:
     others (cancelled, superseded by a newer attempt, or a duplicate message) give back their slot."""
     jobs = store.start_jobs(app.db, items, node_id)
     started = {registry.member(j["id"], j["attempt"]) for j in jobs}
-    skipped = [registry.member(i, a) for i, a in items if registry.member(i, a) not in started]
+    skipped = [(str(i), a) for i, a in items if registry.member(i, a) not in started]
     if skipped:
         log.info("skipped %d of %d jobs (cancelled, superseded or delivered twice)", len(skipped), len(items))
-        _best_effort("releasing skipped jobs", lambda: registry.release(app.redis, node_id, skipped))
+        # A second copy of a job already running here keeps its slot: the first copy releases it.
+        active = stranded.active_attempts(app.db, [i for i, _ in skipped])
+        done = [registry.member(i, a) for i, a in skipped if active.get(i) != (a, node_id)]
+        _best_effort("releasing skipped jobs", lambda: registry.release(app.redis, node_id, done))
     return jobs
 
 
@@ -151,7 +164,8 @@ def finish(app, job: dict, node_id: str, *, result: dict | None = None, error: J
 
 def retry(app, job: dict, node_id: str | None, error: JobError, *, charge: bool = True) -> str | None:
     """routed|running → queued as the next attempt after a retryable failure, published after a
-    jittered back-off when the attempt is charged; or dead_letter() once the job is out of attempts.
+    jittered back-off when the attempt is charged; or, once the job is out of attempts, the dead-letter
+    transition: → dead with a dead letter, in the same Postgres transaction, and its waiters woken.
     Returns the job's new status, or None when it had moved on."""
     s = app.settings
     delay = backoff(job["attempt"], base=s.retry_backoff_base, cap=s.retry_backoff_max) if charge else 0.0
@@ -168,13 +182,6 @@ def requeue_lost(app, job: dict, error: JobError) -> str | None:
     worker it runs on ends `dead`) and waits a jittered back-off, which also separates it from the
     jobs that were running beside it."""
     return retry(app, job, job["node_id"], error, charge=job["status"] == JobStatus.RUNNING.value)
-
-
-def dead_letter(app, job: dict, node_id: str | None, error: JobError) -> bool:
-    """routed|running → dead at once, with a dead letter (retry() does the same once a job is out of
-    attempts)."""
-    row = store.retry_job(app.db, job["id"], job["attempt"], error.as_json(), give_up=True)
-    return _after_requeue(app, job, node_id, row, 0.0) == JobStatus.DEAD.value
 
 
 def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay: float) -> str | None:
@@ -226,10 +233,12 @@ def park(app, job: dict, node_id: str, *, result: dict | None = None, error: Job
     app.redis.hset(PARKED_KEY, registry.member(job["id"], job["attempt"]), json.dumps(outcome))
 
 
-def finish_parked(app) -> int:
-    """Record every parked outcome (retryable errors as retries); returns how many were recorded."""
+def finish_parked(app, each=lambda: None) -> int:
+    """Record every parked outcome (retryable errors as retries); returns how many were recorded.
+    `each()` is called before each one (the reconciler extends its lock there)."""
     done = 0
     for member, raw in app.redis.hscan_iter(PARKED_KEY):
+        each()
         outcome = json.loads(raw)
         job = {"id": outcome["id"], "attempt": outcome["attempt"]}
         error = JobError.from_json(outcome["error"]) if outcome["error"] else None

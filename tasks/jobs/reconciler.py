@@ -28,7 +28,7 @@ import time
 
 from redis.exceptions import LockError
 
-from tasks.errors import ErrorKind, JobError
+from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.jobs import lifecycle, stranded
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
@@ -66,8 +66,10 @@ class Reconciler:
                     self.trust_heartbeats_after = time.monotonic() + self.settings.heartbeat_ttl
                     failing = False
                 self.sweep()
-            except Exception:  # noqa: BLE001 - an outage must not end the reconciler; the next sweep retries
+            except TRANSIENT:  # an outage: the next sweep retries, and first restores what it stranded
                 failing = True
+                log.exception("reconciler sweep failed: Redis or Postgres unreachable")
+            except Exception:  # noqa: BLE001 - a bug must not end the reconciler either
                 log.exception("reconciler sweep failed")
 
     def sweep(self) -> dict[str, int]:
@@ -101,8 +103,8 @@ class Reconciler:
     def _sweep(self) -> dict[str, int]:
         s, redis, pool = self.settings, self.app.redis, self.app.db
         self.sweeps += 1
-        counts = {"parked": lifecycle.finish_parked(self.app), "rerouted": 0, "dead": 0, "resent": 0,
-                  "republished": 0}
+        counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "dead": 0,
+                  "resent": 0, "republished": 0}
         nodes = registry.live_nodes(redis)
         live = {n["id"] for n in nodes}
 
@@ -162,7 +164,9 @@ class Reconciler:
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             for queue in queues:
+                self._still_mine()
                 held.update(json.loads(raw)["headers"]["id"] for raw in channel.client.lrange(queue, 0, -1))
+            self._still_mine()
             for _tag, raw in channel.client.hscan_iter(channel.unacked_key):
                 payload, _exchange, routing_key = json.loads(raw)
                 if routing_key in queues:
@@ -173,6 +177,7 @@ class Reconciler:
         """Drop members of assigned sets whose job has ended or moved (a worker died before releasing)."""
         redis = self.app.redis
         for node_id in live:
+            self._still_mine()
             members = [m.decode() for m in redis.smembers(registry.assigned_key(node_id))]
             if not members:
                 continue

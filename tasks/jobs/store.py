@@ -137,6 +137,14 @@ def mark_routed(pool: ConnectionPool, job_id, attempt: int, node_id: str) -> dic
         ).fetchone()
 
 
+def mark_waiting(pool: ConnectionPool, job_id, attempt: int) -> bool:
+    """A queued job still waiting for a node: bump its due time, so the reconciler does not take it for
+    one whose route message was lost. False when the job is no longer queued at this attempt."""
+    with pool.connection() as conn:
+        return conn.execute("UPDATE jobs SET queued_at = now() WHERE id = %s AND attempt = %s AND status = 'queued'",
+                            (job_id, attempt)).rowcount == 1
+
+
 def routed_node(pool: ConnectionPool, job_id, attempt: int) -> str | None:
     """The node a job is routed to at this attempt (None unless it is `routed` at this attempt)."""
     with pool.connection() as conn:
@@ -208,9 +216,9 @@ def fail_queued_job(pool: ConnectionPool, job_id, attempt: int, error: dict) -> 
 
 
 def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay: float = 0.0,
-              charge: bool = True, give_up: bool = False) -> dict | None:
+              charge: bool = True) -> dict | None:
     """routed|running → queued as the next attempt (due after `delay` s) after a retryable failure;
-    or → dead, with a dead letter, when the job has used its attempts (or at once with `give_up`).
+    or → dead, with a dead letter, when the job has used its attempts.
 
     The attempt count lives here, not in the broker. `charge=False` moves the fence (a new attempt
     number) without spending the job's budget: for a job that merely waited on a node that died, as
@@ -224,7 +232,7 @@ def retry_job(pool: ConnectionPool, job_id, attempt: int, error: dict, *, delay:
         ).fetchone()
         if job is None or job["attempt"] != attempt or job["status"] not in ("routed", "running"):
             return None
-        if not give_up and (attempt < job["max_attempts"] or not charge):
+        if attempt < job["max_attempts"] or not charge:
             outcome = "retried" if charge else "moved"
             row = conn.execute(
                 f"""UPDATE jobs SET status = 'queued', attempt = attempt + 1, node_id = NULL, routed_at = NULL,

@@ -26,6 +26,8 @@ def route(self, job_id: str, attempt: int, model: str, strategy: str, enqueued_a
     if not nodes:
         waited = time.time() - enqueued_at
         if waited < app.settings.no_node_deadline:
+            if not lifecycle.wait_for_node(app, job_id, attempt):
+                return None  # cancelled meanwhile, or a stale message for an older attempt
             raise self.retry(countdown=_NO_NODE_RETRY_SECONDS)
         lifecycle.fail_unroutable(app, job_id, attempt, JobError(
             ErrorKind.NO_NODE, f"no healthy worker serves model {model!r} after {waited:.0f} s"))

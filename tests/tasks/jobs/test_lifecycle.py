@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
+import kombu.exceptions
 import pytest
 
 from tasks.errors import ErrorKind, JobError, QueueUnavailable
@@ -56,7 +57,7 @@ def test_submit_publishes_to_the_strategys_queue(app, app_tenant):
 
 def test_a_refused_publish_leaves_nothing_behind(app, app_tenant, monkeypatch):
     def broker_down(*args, **kwargs):
-        raise ConnectionError("broker away")
+        raise kombu.exceptions.OperationalError("broker away")
 
     monkeypatch.setattr(app, "send_task", broker_down)
     with pytest.raises(QueueUnavailable):
@@ -82,6 +83,35 @@ def test_routing_again_resends_to_the_node_it_was_routed_to(app, app_tenant):
     assert node_ids(app) == [registry.member(job["id"], 1)]
     assert not app.redis.sismember(registry.assigned_key("node-y"), registry.member(job["id"], 1))
     assert status(app, job) == ("routed", 1, NODE)
+
+
+def test_a_duplicate_route_message_keeps_the_jobs_slot(app, app_tenant):
+    """The same route message twice (a redelivery) chooses the same node: the job's one slot there stays."""
+    job = routed(app, app_tenant)
+    assert lifecycle.route(app, job["id"], 1, NODE) == NODE
+    assert app.redis.sismember(registry.assigned_key(NODE), registry.member(job["id"], 1))
+
+
+def test_a_duplicate_start_keeps_the_running_jobs_slot(app, app_tenant):
+    job = routed(app, app_tenant)
+    assert len(lifecycle.start(app, [(str(job["id"]), 1)], NODE)) == 1
+    assert lifecycle.start(app, [(str(job["id"]), 1)], NODE) == []  # a second copy of its message
+    assert app.redis.sismember(registry.assigned_key(NODE), registry.member(job["id"], 1))
+    lifecycle.cancel(app, job["id"], app_tenant.id)
+    app.redis.sadd(registry.assigned_key(NODE), registry.member(job["id"], 1))
+    assert lifecycle.start(app, [(str(job["id"]), 1)], NODE) == []  # cancelled: the slot goes
+    assert not app.redis.sismember(registry.assigned_key(NODE), registry.member(job["id"], 1))
+
+
+def test_a_job_waiting_for_a_node_is_not_taken_for_stalled(app, app_tenant):
+    job = submit(app, app_tenant)
+    with app.db.connection() as conn:
+        conn.execute("UPDATE jobs SET queued_at = now() - interval '1 h' WHERE id = %s", (job["id"],))
+    assert lifecycle.wait_for_node(app, job["id"], 1)
+    with app.db.connection() as conn:
+        assert conn.execute("SELECT queued_at > now() - interval '5 s' AS fresh FROM jobs WHERE id = %s",
+                            (job["id"],)).fetchone()["fresh"]
+    assert not lifecycle.wait_for_node(app, job["id"], 2)  # a stale message: drop it
 
 
 def test_a_stale_route_changes_nothing(app, app_tenant):
