@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
             if workdir.exists():
                 say(f"warning: could not remove {workdir}")
-        say("every process the bench started has exited (checked in /proc)" if not STRAGGLERS else
+        say("every process the bench started has exited (checked, process group by process group)" if not STRAGGLERS else
             f"every process the bench started has exited, {len(STRAGGLERS)} only once killed")
     minutes = (time.monotonic() - t0) / 60
     if args.no_write:
