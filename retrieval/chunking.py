@@ -73,10 +73,12 @@ class _Counter:
         self.specials = len(tokenizer("", add_special_tokens=True)["input_ids"])
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        # verbose=False: counting a text longer than the model reads is the point, not a mistake
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else 0
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
-        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                              verbose=False)["offset_mapping"]
 
 
 def _prefix(path: tuple[str, ...], counter: _Counter, max_tokens: int) -> str:

@@ -69,7 +69,7 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for `text`, [CLS] and [SEP] included."""
-        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Vectors for chunks, computed `batch_size` at a time."""

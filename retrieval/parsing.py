@@ -70,6 +70,23 @@ def parse(data: bytes, content_type: str) -> ParsedDocument:
     return doc
 
 
+class _HeadingPath:
+    """The open headings: a heading closes every open one of its level or deeper, so a document that
+    skips levels (## straight after #, or no # at all) still gets the path a reader sees."""
+
+    def __init__(self):
+        self._open: list[tuple[int, str]] = []
+
+    def enter(self, level: int, title: str) -> None:
+        while self._open and self._open[-1][0] >= level:
+            self._open.pop()
+        self._open.append((level, title))
+
+    @property
+    def titles(self) -> tuple[str, ...]:
+        return tuple(title for _, title in self._open)
+
+
 def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
@@ -91,7 +108,7 @@ def parse_markdown(data: bytes) -> ParsedDocument:
     """ATX headings (`#` … `######`) open sections; fenced code never holds headings."""
     text = _decode(data)
     blocks: list[Block] = []
-    path: list[str] = []
+    path = _HeadingPath()
     body_start, pos, fenced = 0, 0, False
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
@@ -99,14 +116,14 @@ def parse_markdown(data: bytes) -> ParsedDocument:
             fenced = not fenced
         match = None if fenced else _MD_HEADING.match(line.rstrip("\r\n"))
         if match:
-            blocks += _paragraphs(text[body_start:pos], body_start, heading_path=tuple(path))
-            level, title = len(match.group(1)), match.group(2)
-            path = path[:level - 1] + [title]
+            blocks += _paragraphs(text[body_start:pos], body_start, heading_path=path.titles)
+            title = match.group(2)
+            path.enter(len(match.group(1)), title)
             start = pos + line.index(title) if title else pos
-            blocks.append(Block(title, start, start + len(title), tuple(path), kind="heading"))
+            blocks.append(Block(title, start, start + len(title), path.titles, kind="heading"))
             body_start = pos + len(line)
         pos += len(line)
-    blocks += _paragraphs(text[body_start:], body_start, heading_path=tuple(path))
+    blocks += _paragraphs(text[body_start:], body_start, heading_path=path.titles)
     title = next((b.text for b in blocks if b.kind == "heading"), None)
     return ParsedDocument(text, [b for b in blocks if b.text], MARKDOWN, title=title)
 
@@ -122,7 +139,7 @@ def parse_html(data: bytes) -> ParsedDocument:
         hidden.decompose()
     parts: list[str] = []
     blocks: list[Block] = []
-    path: list[str] = []
+    path = _HeadingPath()
     pos = 0
     for el in soup.find_all(_HEADINGS + _HTML_BLOCKS):
         if el.name not in _HEADINGS and el.find_parent(_HTML_BLOCKS):
@@ -131,11 +148,11 @@ def parse_html(data: bytes) -> ParsedDocument:
         if not text:
             continue
         if el.name in _HEADINGS:
-            path = path[:int(el.name[1]) - 1] + [text]
+            path.enter(int(el.name[1]), text)
         if parts:
             pos += 2  # the blank line joining blocks
         kind = "heading" if el.name in _HEADINGS else "paragraph"
-        blocks.append(Block(text, pos, pos + len(text), tuple(path), kind=kind))
+        blocks.append(Block(text, pos, pos + len(text), path.titles, kind=kind))
         parts.append(text)
         pos += len(text)
     return ParsedDocument("\n\n".join(parts), blocks, HTML, title=title)

@@ -31,6 +31,13 @@ def test_markdown_heading_paths_and_fenced_code():
                     "Use apt.": ("Guide", "Install", "Linux"), "Call it.": ("Guide", "Use")}
     assert doc.title == "Guide"
     _consistent(doc)
+    skipping = _paths("## A\na\n\n### B\nb\n\n## C\nc\n\n# D\nd\n")
+    assert skipping == {"a": ("A",), "b": ("A", "B"), "c": ("C",), "d": ("D",)}
+
+
+def _paths(markdown: str) -> dict:
+    doc = parsing.parse(markdown.encode(), parsing.MARKDOWN)
+    return {b.text: b.heading_path for b in doc.blocks if b.kind == "paragraph"}
 
 
 def test_html_headings_paragraphs_items_and_no_script():
