@@ -103,7 +103,9 @@ def fuse(vector: list[Hit], keyword: list[Hit], k: int) -> list[Hit]:
             score, first, scores = fused.get(hit.chunk_id, (0.0, hit, {}))
             scores |= {name: hit.score, f"{name}_rank": rank}
             fused[hit.chunk_id] = (score + 1.0 / (RRF_K + rank), first, scores)
-    ranked = sorted(fused.values(), key=lambda t: (-t[0], t[1].chunk_id))[:k]
+    # Exact ties are common with two lists (ranks 1 and 2 against 2 and 1): they go to the chunk
+    # closer in meaning (the dense score), then to the earlier chunk.
+    ranked = sorted(fused.values(), key=lambda t: (-t[0], -t[2].get("vector", -2.0), t[1].chunk_id))[:k]
     return [_with_score(hit, score, scores | {"rrf": score}) for score, hit, scores in ranked]
 
 
