@@ -79,3 +79,5 @@ CREATE INDEX chunks_scope ON chunks (tenant_id, collection_id);
 --  - queries name the collection as a literal and order by the same expression, so the planner matches it.
 -- The price: one index per collection (planning and each insert test every partial index's predicate),
 -- fine for hundreds of collections; beyond that, move to one typed column + index per dimension.
+-- Creating a collection scans the chunks table to build its (empty) index; it is built and dropped
+-- CONCURRENTLY so that this never blocks other collections' ingestion or search.

@@ -46,26 +46,42 @@ def hnsw_index_name(collection_id: uuid.UUID) -> str:
 
 def create_collection(conn: psycopg.Connection, tenant_id, name: str, *, embedding_model: str,
                       embedding_dim: int, hnsw_m: int = 16, hnsw_ef_construction: int = 64) -> Collection:
-    """A new collection and its own HNSW index (see migrations/0004_retrieval.sql for why per collection)."""
+    """A new collection and its own HNSW index (see migrations/0004_retrieval.sql for why per collection).
+
+    The index is built CONCURRENTLY: a partial index still scans the whole chunks table, and a plain
+    CREATE INDEX would block every other collection's ingestion meanwhile. That needs an autocommit
+    connection (as the pool hands them out); the row is removed again if the index cannot be built."""
     collection_id = uuid.uuid4()
-    index = sql.SQL(
-        "CREATE INDEX {name} ON chunks USING hnsw ((embedding::vector({dim})) vector_cosine_ops) "
-        "WITH (m = {m}, ef_construction = {ef}) WHERE collection_id = {id}"
-    ).format(name=sql.Identifier(hnsw_index_name(collection_id)), dim=sql.Literal(int(embedding_dim)),
-             m=sql.Literal(int(hnsw_m)), ef=sql.Literal(int(hnsw_ef_construction)),
-             id=sql.Literal(str(collection_id)))
     try:
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        with conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 f"""INSERT INTO collections (id, tenant_id, name, embedding_model, embedding_dim, hnsw_m,
                                              hnsw_ef_construction)
                     VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLLECTION_COLUMNS}""",
                 (collection_id, tenant_id, name, embedding_model, embedding_dim, hnsw_m, hnsw_ef_construction),
             ).fetchone()
-            cur.execute(index)
     except psycopg.errors.UniqueViolation as e:
         raise CollectionExists(f"a collection named {name!r} already exists") from e
+    index = sql.SQL(
+        "CREATE INDEX CONCURRENTLY {name} ON chunks USING hnsw ((embedding::vector({dim})) vector_cosine_ops) "
+        "WITH (m = {m}, ef_construction = {ef}) WHERE collection_id = {id}"
+    ).format(name=sql.Identifier(hnsw_index_name(collection_id)), dim=sql.Literal(int(embedding_dim)),
+             m=sql.Literal(int(hnsw_m)), ef=sql.Literal(int(hnsw_ef_construction)),
+             id=sql.Literal(str(collection_id)))
+    try:
+        conn.execute(index)
+    except BaseException:
+        _drop(conn, collection_id)  # a failed concurrent build leaves an invalid index behind
+        raise
     return Collection(**row)
+
+
+def _drop(conn: psycopg.Connection, collection_id: uuid.UUID) -> None:
+    """The collection's row (its documents and chunks by cascade), then its index, without locking
+    the chunks table against other collections' searches (DROP INDEX CONCURRENTLY)."""
+    conn.execute("DELETE FROM collections WHERE id = %s", (collection_id,))
+    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+        sql.Identifier(hnsw_index_name(collection_id))))
 
 
 def get_collections(conn: psycopg.Connection, tenant_id, collection_ids) -> list[Collection]:
@@ -90,11 +106,10 @@ def list_collections(conn: psycopg.Connection, tenant_id) -> list[Collection]:
 
 
 def delete_collection(conn: psycopg.Connection, tenant_id, collection_id) -> None:
-    """The collection, its documents, chunks and index; NotFound if the tenant has no such collection."""
+    """The collection, its documents, chunks and index; NotFound if the tenant has no such collection.
+    Needs an autocommit connection (the index is dropped CONCURRENTLY)."""
     (collection,) = get_collections(conn, tenant_id, [collection_id])
-    with conn.transaction():
-        conn.execute("DELETE FROM collections WHERE id = %s AND tenant_id = %s", (collection.id, tenant_id))
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(hnsw_index_name(collection.id))))
+    _drop(conn, collection.id)
 
 
 def add_document(conn: psycopg.Connection, tenant_id, collection_id, content: bytes, *, title: str,

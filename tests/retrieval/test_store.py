@@ -76,6 +76,26 @@ def test_a_collection_is_never_searched_with_another_models_vectors(conn, tenant
                                     embedding_dim=768)
     with pytest.raises(ModelMismatch):
         search(conn, embedder, tenant[0].id, [wider.id], "anything", mode="vector")
+    doc, _ = _add(conn, tenant[0].id, other, "text for another model")
+    with pytest.raises(ModelMismatch):
+        ingest_document(conn, embedder, tenant[0].id, doc["id"])
+    assert store.get_document(conn, tenant[0].id, doc["id"])["status"] == "queued"
+    assert search(conn, embedder, tenant[0].id, [other.id], "anything", mode="keyword") == []  # no vectors read
+
+
+def test_deleting_removes_chunks_and_the_collections_index(conn, tenant, collection, embedder):
+    doc, _ = _add(conn, tenant[0].id, collection, "# Gone\n\nSoon deleted.")
+    kept, _ = _add(conn, tenant[0].id, collection, "# Kept\n\nStays a while.")
+    for d in (doc, kept):
+        ingest_document(conn, embedder, tenant[0].id, d["id"])
+    store.delete_document(conn, tenant[0].id, doc["id"])
+    assert _chunk_count(conn, doc["id"]) == 0 and _chunk_count(conn, kept["id"]) == 1
+    assert [d["id"] for d in store.list_documents(conn, tenant[0].id, collection.id)] == [kept["id"]]
+    store.delete_collection(conn, tenant[0].id, collection.id)
+    assert _chunk_count(conn, kept["id"]) == 0
+    assert conn.execute("SELECT to_regclass(%s) AS i", (store.hnsw_index_name(collection.id),)).fetchone()["i"] is None
+    with pytest.raises(NotFound):
+        store.delete_collection(conn, tenant[0].id, collection.id)
 
 
 def test_a_filter_matching_one_percent_of_rows_still_returns_k(conn, tenant, collection, embedder):
