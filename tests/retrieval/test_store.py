@@ -196,3 +196,23 @@ def test_pdf_chunks_carry_their_page_and_queries_embed_together(conn, tenant, co
     assert lamp[0].text == "The lighthouse keeper lit the lamp at dusk."
     assert search(conn, embedder, tenant[0].id, [collection.id], "barley", k=2, filter={"page": 2},
                   mode="keyword")[0].page == 2
+
+
+def test_keyword_search_takes_any_word_and_honours_exclusions_and_phrases(conn, tenant, collection, embedder):
+    texts = {"salmon": "Salmon returned to the river after the ladders were built.",
+             "trout": "Trout live in the lake, not in the river.",
+             "mill": "The paper mill draws water from the river."}
+    ids = {}
+    for key, text in texts.items():
+        doc, _ = _add(conn, tenant[0].id, collection, text, content_type=parsing.TEXT)
+        ingest_document(conn, embedder, tenant[0].id, doc["id"])
+        ids[doc["id"]] = key
+
+    def found(query):
+        return [ids[h.document_id] for h in search(conn, embedder, tenant[0].id, [collection.id], query, k=5,
+                                                   mode="keyword")]
+
+    assert found("when did the salmon come back")[0] == "salmon"  # not every word needs to match
+    assert set(found("river -trout")) == {"salmon", "mill"}
+    assert found('"paper mill"') == ["mill"]
+    assert found("the of and") == []  # only stop words: nothing to match
