@@ -10,7 +10,7 @@ import pytest
 from retrieval import parsing, store
 from retrieval.chunking import Chunk
 from retrieval.embedding import Embedder
-from retrieval.errors import CollectionExists, ModelMismatch, NotFound
+from retrieval.errors import CollectionExists, IngestionSuperseded, ModelMismatch, NotFound
 from retrieval.ingestion import ingest_document
 from retrieval.search import search, search_many
 from tests.retrieval.support import make_pdf
@@ -216,3 +216,16 @@ def test_keyword_search_takes_any_word_and_honours_exclusions_and_phrases(conn, 
     assert set(found("river -trout")) == {"salmon", "mill"}
     assert found('"paper mill"') == ["mill"]
     assert found("the of and") == []  # only stop words: nothing to match
+
+
+def test_a_superseded_run_writes_nothing_more(conn, tenant, collection):
+    """A run that is still alive after a newer run claimed the document (a redelivered task) is fenced."""
+    doc, _ = _add(conn, tenant[0].id, collection, "fenced text")
+    old = store.claim_document(conn, tenant[0].id, doc["id"])
+    new = store.claim_document(conn, tenant[0].id, doc["id"])
+    assert new["attempt"] == old["attempt"] + 1
+    chunk = Chunk(0, "fenced text", 0, 11, (), None, "fenced text", 4)
+    with pytest.raises(IngestionSuperseded):
+        store.insert_chunks(conn, old, old["attempt"], [chunk], [[1.0] + [0.0] * 383], {})
+    assert not store.mark_ready(conn, doc["id"], old["attempt"])
+    assert _chunk_count(conn, doc["id"]) == 0
