@@ -44,6 +44,13 @@ class Services:
         return load_tokenizer(self.settings.resolved_model_path)
 
     @cached_property
+    def embedder(self):
+        """The embedding model for collections and search queries; its weights load on first use."""
+        from tasks.ingest.task import settings_embedder
+
+        return settings_embedder(self.settings)
+
+    @cached_property
     def waiter(self):
         from api.waiter import JobWaiter
 
@@ -51,7 +58,9 @@ class Services:
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from api.collections import bp as collections_bp
     from api.dead_letters import bp as dead_letters_bp
+    from api.documents import bp as documents_bp
     from api.errors import register_error_handlers
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
@@ -69,4 +78,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(nodes_bp)
     app.register_blueprint(dead_letters_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(collections_bp)
+    app.register_blueprint(documents_bp)
     return app

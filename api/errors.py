@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from retrieval.errors import CollectionExists, ModelMismatch, NotFound, ParseError, UnsupportedContentType
 from tasks.errors import TRANSIENT, QueueUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ def validation_errors(exc: ValidationError) -> list[dict]:
     return out
 
 
+def invalid(exc: ValidationError, title: str) -> ApiError:
+    """A pydantic error as a 422 problem naming each field to fix."""
+    errors = validation_errors(exc)
+    return ApiError(422, title, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
@@ -68,6 +75,14 @@ def register_error_handlers(app: Flask) -> None:
         log.warning("job refused: %r", exc.__cause__)
         return problem(503, "Service Unavailable", "the job queue is unreachable; nothing was stored, retry shortly",
                        {"Retry-After": "5"})
+
+    # Retrieval's errors (retrieval/errors.py); another tenant's collection or document is NotFound too.
+    retrieval_errors = ((NotFound, 404, "Not Found"), (CollectionExists, 409, "Conflict"),
+                        (ModelMismatch, 409, "Embedding model mismatch"),
+                        (UnsupportedContentType, 415, "Unsupported Media Type"),
+                        (ParseError, 422, "Unreadable document"))
+    for kind, status, title in retrieval_errors:
+        app.register_error_handler(kind, lambda exc, status=status, title=title: problem(status, title, str(exc)))
 
     def _unavailable(exc: Exception):
         log.warning("dependency unavailable: %r", exc)

@@ -123,3 +123,74 @@ class JobRequest(BaseModel):
     def sampling(self) -> dict:
         """The fields the engine needs, as stored with the job."""
         return self.model_dump(include={"max_tokens", "temperature", "top_p", "stop", "seed"})
+
+
+# --- retrieval: collections, documents, search ------------------------------------------------------
+
+Metadata = dict[Text, Text | int | float | bool | None]
+
+
+class CollectionRequest(BaseModel):
+    """Body of POST /v1/collections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: NonEmptyText = Field(max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("name must not be blank")
+        return v.strip()
+
+
+class DocumentRequest(BaseModel):
+    """Body of POST /v1/collections/{id}/documents sent as JSON (a file upload sends the same fields as
+    form fields, `metadata` as a JSON object in a string)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: Text | None = Field(None, max_length=500)
+    text: Text | None = None  # JSON only; an upload carries a file instead
+    content_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
+    metadata: Metadata = Field(default_factory=dict, max_length=32)
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("the document is empty; send some text")
+        return v
+
+
+class SearchParams(BaseModel):
+    """The query string of GET /v1/collections/{id}/search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: NonEmptyText = Field(max_length=2000)
+    k: int = Field(5, ge=1, le=100)
+    mode: Literal["vector", "keyword", "hybrid"] = "hybrid"
+    filter: dict[Text, object] | None = None
+
+    @field_validator("q")
+    @classmethod
+    def _q_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("q must not be blank")
+        return v
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter_json(cls, v):
+        if isinstance(v, str):
+            import json
+
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError('filter must be a JSON object, e.g. {"lang": "en"}') from None
+            if not isinstance(v, dict):
+                raise ValueError('filter must be a JSON object, e.g. {"lang": "en"}')
+        return v

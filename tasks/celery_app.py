@@ -72,6 +72,7 @@ def create_celery(settings: Settings) -> SwitchyardCelery:
         worker_hijack_root_logger=False,
     )
     # Every task, registered with this app (the task modules import nothing from here).
+    import tasks.ingest.task  # noqa: F401
     import tasks.jobs.task  # noqa: F401
     import tasks.routing.task  # noqa: F401
     import tasks.webhooks.task  # noqa: F401

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(40, ge=1, le=1000)  # per query: candidates the HNSW scan keeps
     hnsw_max_scan_tuples: int = Field(20000, ge=1000)  # bound on an iterative scan under a selective filter
     rag_top_k: int = Field(5, ge=1, le=100)
+    # Uploads (POST /v1/collections/{id}/documents): the largest document accepted, as a file or as
+    # JSON text (413 above); it is kept whole in Postgres so that a retried ingestion can start over.
+    max_upload_bytes: int = Field(10_485_760, ge=1024)
+    # Documents one ingest worker parses and embeds at once (pool threads sharing one model).
+    ingest_concurrency: int = Field(2, ge=1)
 
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"

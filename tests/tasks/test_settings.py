@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.names import GENERATE_TASK, ROUTE_TASK, node_queue, route_queue
+from tasks.names import GENERATE_TASK, INGEST_QUEUE, INGEST_TASK, ROUTE_TASK, node_queue, route_queue
 from tasks.routing.strategies import NAMES
 from tasks.settings import Settings
 
@@ -121,6 +121,18 @@ def test_router_consumes_every_route_queue_and_acks_late(built_worker, monkeypat
     assert set(app.amqp.queues.consume_from) == {route_queue(s) for s in NAMES}
     route = app.tasks[ROUTE_TASK]
     assert route.acks_late is True and route.reject_on_worker_lost is True
+
+
+def test_ingest_worker_consumes_only_its_queue_with_a_few_threads_and_the_model_loaded(built_worker):
+    import workers.ingest_worker as ingest_worker
+    from tasks.ingest.task import settings_embedder
+
+    app, worker = built_worker(ingest_worker, ingest_concurrency=3)
+    assert set(app.amqp.queues.consume_from) == {INGEST_QUEUE}
+    assert worker.concurrency == 3 and type(worker.pool).__module__ == "celery.concurrency.thread"
+    assert settings_embedder(app.settings)._model is not None  # loaded at boot, before the first document
+    task = app.tasks[INGEST_TASK]
+    assert task.acks_late is True and task.reject_on_worker_lost is True and task.queue == INGEST_QUEUE
 
 
 def test_broker_redelivers_only_after_the_configured_visibility_timeout(built_worker, gpu_main):

@@ -1,0 +1,62 @@
+"""The ingest task: one stored document parsed, chunked, embedded and indexed, on the `ingest` queue.
+
+The task is thin: the work, its crash safety and its fencing are retrieval.ingestion's. Here: a pool
+connection, the process's embedder, and what to do with each outcome. A short Postgres or Redis outage
+is retried by Celery (the retry claims the document again, which deletes whatever the interrupted run
+had written); a parse error leaves the document `failed` with its reason (ingest_document records it);
+a run superseded by a newer one, or a document deleted meanwhile, is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from retrieval.embedding import Embedder, embedder_for
+from retrieval.errors import IngestionSuperseded, ModelMismatch, NotFound
+from retrieval.ingestion import ingest_document
+from tasks.errors import TRANSIENT
+from tasks.names import INGEST_QUEUE, INGEST_TASK
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def settings_embedder(settings: Settings) -> Embedder:
+    """The process's one embedder for the configured model (its weights load on first use)."""
+    path = settings.embedding_model_path
+    return embedder_for(settings.embedding_model, str(path) if path else None)
+
+
+def publish(app, document: dict) -> None:
+    """Put a stored document's ingest message on the `ingest` queue. Raises if the broker is unreachable."""
+    app.send_task(INGEST_TASK, args=[str(document["tenant_id"]), str(document["id"])], queue=INGEST_QUEUE)
+
+
+def ingest(pool, embedder: Embedder, settings: Settings, tenant_id: str, document_id: str) -> str:
+    """Index one document; returns how it ended (`ready`, `failed`, or why nothing was done)."""
+    try:
+        with pool.connection() as conn:
+            document = ingest_document(conn, embedder, tenant_id, document_id, chunk_tokens=settings.chunk_tokens,
+                                       overlap=settings.chunk_overlap, batch_size=settings.embedding_batch_size)
+    except IngestionSuperseded:
+        log.info("document %s: a newer ingestion run took over; this one stops", document_id)
+        return "superseded"
+    except NotFound:
+        log.info("document %s: deleted before it was ingested", document_id)
+        return "missing"
+    except ModelMismatch as exc:
+        # Permanent for this worker: another attempt with the same model cannot cure it.
+        log.error("document %s not ingested: %s", document_id, exc)
+        return "model_mismatch"
+    log.info("document %s: %s (%s chunks)", document_id, document["status"], document["chunks_total"])
+    return document["status"]
+
+
+# acks_late: a worker that dies mid-document leaves the message to be delivered again, and the next run
+# claims the document under a new attempt (never half-indexed and marked ready).
+@shared_task(name=INGEST_TASK, bind=True, queue=INGEST_QUEUE, acks_late=True, ignore_result=True, max_retries=10,
+             autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, retry_jitter=True)
+def ingest_task(self, tenant_id: str, document_id: str) -> str:
+    return ingest(self.app.db, settings_embedder(self.app.settings), self.app.settings, tenant_id, document_id)
