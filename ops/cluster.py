@@ -1,11 +1,11 @@
 """The local cluster: `python -m ops.cluster up | down | status` (the Makefile's `make up` / `make down`).
 
 `up` starts Postgres and Redis (embedded ones, unless DATABASE_URL / REDIS_URL are set), migrates,
-prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, a small
-local webhook receiver and Flower, then submits a few sample jobs, prints the model's answers and shows
-the first job's webhook arriving at the receiver, its signature verified. State, logs and pid files live
-in `.switchyard/`, so a second `up` reuses everything the first prepared and `down` stops exactly what
-`up` started.
+prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, the
+ingest worker, a small local webhook receiver and Flower, then submits a few sample jobs, prints the
+model's answers and shows the first job's webhook arriving at the receiver, its signature verified.
+State, logs and pid files live in `.switchyard/`, so a second `up` reuses everything the first prepared
+and `down` stops exactly what `up` started.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def demo_key(database_url: str) -> str:
 
 # --- processes ------------------------------------------------------------------------------------
 
-APP = ("api", "router", "worker", "webhooks", "receiver", "flower")
+APP = ("api", "router", "worker", "webhooks", "ingest", "receiver", "flower")
 
 
 def group(env: dict[str, str] | None = None) -> ProcessGroup:
@@ -108,6 +108,7 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
         "router": [py, "-m", "workers.router"],
         "worker": [py, "-m", "workers.gpu"],
         "webhooks": [py, "-m", "workers.webhook_worker"],
+        "ingest": [py, "-m", "workers.ingest_worker"],
         "receiver": [py, "-m", "ops.receiver", "--port", str(RECEIVER_PORT), "--secret-file", str(WEBHOOK_SECRET),
                      "--out", str(WEBHOOKS_SEEN)],
         "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}", "--address=127.0.0.1"],
@@ -138,7 +139,7 @@ def wait_ready(procs: ProcessGroup, timeout: float = 300) -> None:
 
     try:
         procs.wait_until(ready, timeout, "the cluster's /readyz", watch=("api", "router", "worker", "webhooks",
-                                                                        "receiver"), show=("worker", "api"),
+                                                                        "ingest", "receiver"), show=("worker", "api"),
                          interval=1)
     except ProcessError as exc:
         raise SystemExit(f"{exc}\n(logs in {LOGS}; stop what did start with: make down)") from None

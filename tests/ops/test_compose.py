@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SCHEMA_FILE = Path(__file__).resolve().parent / "compose-spec.json"
 
-EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "router", "worker", "flower"}
-APP_SERVICES = ("api", "router", "worker", "flower")
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "router", "worker", "ingest", "flower"}
+APP_SERVICES = ("api", "router", "worker", "ingest", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -189,4 +189,5 @@ def test_entry_modules_exist(compose):
         for module in modules:
             assert _module_file(module), f"{name}: module {module} has no file in the repository"
             checked.append(module)
-    assert {"ops.admin", "workers.router", "workers.gpu", "api.wsgi", "tasks.app"} <= set(checked), checked
+    assert {"ops.admin", "workers.router", "workers.gpu", "workers.ingest_worker", "api.wsgi",
+            "tasks.app"} <= set(checked), checked
