@@ -1,0 +1,67 @@
+"""Documents uploaded through the API are ingested by a real ingest worker process and found by search;
+stopping the worker leaves no process behind."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import psutil
+
+from ops import processes
+from tests.retrieval.support import make_pdf
+from tests.support import auth
+
+HANDBOOK = """# Lighthouse handbook
+
+## Lamps
+
+The keeper trims the wick of the great lamp every evening at dusk.
+"""
+RECIPES = """<html><head><title>Recipes</title></head><body><h1>Bread</h1>
+<p>Knead the dough for ten minutes, then let it rise overnight in a cool larder.</p></body></html>"""
+PDF_LINES = [["Glaciers carve deep valleys as they slowly move downhill."]]
+
+
+def _documents(client, key, collection_id) -> list[dict]:
+    response = client.get(f"/v1/collections/{collection_id}/documents", headers=auth(key))
+    assert response.status_code == 200
+    return response.get_json()["data"]
+
+
+def test_the_worker_ingests_uploads_and_search_finds_them_then_it_stops_cleanly(client, tenant, ingest_worker):
+    _, key = tenant
+    collection = client.post("/v1/collections", json={"name": "library"}, headers=auth(key)).get_json()
+    base = f"/v1/collections/{collection['id']}/documents"
+    uploads = [
+        client.post(base, json={"title": "handbook", "text": HANDBOOK, "content_type": "text/markdown"},
+                    headers=auth(key)),
+        client.post(base, json={"title": "recipes", "text": RECIPES, "content_type": "text/html"}, headers=auth(key)),
+        client.post(base, data={"file": (io.BytesIO(make_pdf(PDF_LINES)), "glaciers.pdf")},
+                    content_type="multipart/form-data", headers=auth(key)),
+    ]
+    assert [u.status_code for u in uploads] == [202, 202, 202], [u.get_json() for u in uploads]
+    ids = {u.get_json()["title"]: u.get_json()["id"] for u in uploads}
+
+    started = time.monotonic()
+    docs = ingest_worker.wait_until(
+        lambda: (d := _documents(client, key, collection["id"])) and all(x["status"] == "ready" for x in d) and d,
+        120, "3 documents ready")
+    print(f"3 documents ready {time.monotonic() - started:.1f} s after upload")
+    assert len(docs) == 3
+    assert all(d["chunks_total"] == d["chunks_embedded"] > 0 and d["error"] is None for d in docs), docs
+
+    for query, title in (("who trims the wick of the lamp", "handbook"), ("how long to knead dough", "recipes"),
+                         ("glaciers carving valleys", "glaciers.pdf")):
+        for mode in ("vector", "hybrid"):
+            response = client.get(f"/v1/collections/{collection['id']}/search",
+                                  query_string={"q": query, "mode": mode, "k": 3}, headers=auth(key))
+            assert response.status_code == 200, response.get_json()
+            top = response.get_json()["data"][0]
+            assert top["document_id"] == ids[title] and top["score"] > 0, (query, mode, top)
+
+    pid = ingest_worker.pid("ingest")
+    tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    assert ingest_worker.stop() == ["ingest"]
+    assert not any(processes.alive(p) for p in tree), tree
+    assert processes.group_members(pid) == []
