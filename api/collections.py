@@ -30,7 +30,8 @@ def _services():
 def collection_resource(collection: store.Collection) -> dict:
     return {"id": str(collection.id), "object": "collection", "name": collection.name,
             "embedding_model": collection.embedding_model, "embedding_dim": collection.embedding_dim,
-            "hnsw": {"m": collection.hnsw_m, "ef_construction": collection.hnsw_ef_construction}}
+            "hnsw": {"m": collection.hnsw_m, "ef_construction": collection.hnsw_ef_construction},
+            "metadata": collection.metadata}
 
 
 def json_body() -> dict:
@@ -64,7 +65,7 @@ def create():
     with services.pool.connection() as conn:
         collection = store.create_collection(
             conn, g.tenant.id, body.name, embedding_model=embedder.model_name, embedding_dim=embedder.dimension,
-            hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction)
+            hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction, metadata=body.metadata)
     response = jsonify(collection_resource(collection))
     response.status_code = 201
     response.headers["Location"] = url_for("collections.get", collection_id=collection.id)

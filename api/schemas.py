@@ -136,6 +136,7 @@ class CollectionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: NonEmptyText = Field(max_length=200)
+    metadata: Metadata = Field(default_factory=dict, max_length=32)
 
     @field_validator("name")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -28,9 +28,10 @@ class Collection:
     embedding_dim: int
     hnsw_m: int
     hnsw_ef_construction: int
+    metadata: dict = field(default_factory=dict)  # the client's own, returned as given
 
 
-_COLLECTION_COLUMNS = "id, tenant_id, name, embedding_model, embedding_dim, hnsw_m, hnsw_ef_construction"
+_COLLECTION_COLUMNS = "id, tenant_id, name, embedding_model, embedding_dim, hnsw_m, hnsw_ef_construction, metadata"
 DOCUMENT_COLUMNS = ("id, collection_id, tenant_id, title, source_filename, content_type, metadata, status, "
                     "error, chunks_embedded, chunks_total, created_at, updated_at")
 
@@ -45,7 +46,8 @@ def hnsw_index_name(collection_id: uuid.UUID) -> str:
 
 
 def create_collection(conn: psycopg.Connection, tenant_id, name: str, *, embedding_model: str,
-                      embedding_dim: int, hnsw_m: int = 16, hnsw_ef_construction: int = 64) -> Collection:
+                      embedding_dim: int, hnsw_m: int = 16, hnsw_ef_construction: int = 64,
+                      metadata: dict | None = None) -> Collection:
     """A new collection and its own HNSW index (see migrations/0004_retrieval.sql for why per collection).
 
     The index is built CONCURRENTLY: a partial index still scans the whole chunks table, and a plain
@@ -56,9 +58,10 @@ def create_collection(conn: psycopg.Connection, tenant_id, name: str, *, embeddi
         with conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 f"""INSERT INTO collections (id, tenant_id, name, embedding_model, embedding_dim, hnsw_m,
-                                             hnsw_ef_construction)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLLECTION_COLUMNS}""",
-                (collection_id, tenant_id, name, embedding_model, embedding_dim, hnsw_m, hnsw_ef_construction),
+                                             hnsw_ef_construction, metadata)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLLECTION_COLUMNS}""",
+                (collection_id, tenant_id, name, embedding_model, embedding_dim, hnsw_m, hnsw_ef_construction,
+                 json.dumps(metadata or {})),
             ).fetchone()
     except psycopg.errors.UniqueViolation as e:
         raise CollectionExists(f"a collection named {name!r} already exists") from e
