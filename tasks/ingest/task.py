@@ -13,6 +13,7 @@ import logging
 
 from celery import shared_task
 
+from retrieval import store
 from retrieval.embedding import Embedder, embedder_for
 from retrieval.errors import IngestionSuperseded, ModelMismatch, NotFound
 from retrieval.ingestion import ingest_document
@@ -47,11 +48,21 @@ def ingest(pool, embedder: Embedder, settings: Settings, tenant_id: str, documen
         log.info("document %s: deleted before it was ingested", document_id)
         return "missing"
     except ModelMismatch as exc:
-        # Permanent for this worker: another attempt with the same model cannot cure it.
+        # Permanent: every ingest worker embeds with the configured model, so no retry can cure it.
         log.error("document %s not ingested: %s", document_id, exc)
-        return "model_mismatch"
+        return _fail(pool, tenant_id, document_id, str(exc))
     log.info("document %s: %s (%s chunks)", document_id, document["status"], document["chunks_total"])
     return document["status"]
+
+
+def _fail(pool, tenant_id, document_id, reason: str) -> str:
+    """Leave the document `failed` with `reason` (claimed first: only a run's own claim may end it)."""
+    with pool.connection() as conn:
+        claimed = store.claim_document(conn, tenant_id, document_id)
+        if claimed is None:
+            return "ready"
+        store.mark_failed(conn, document_id, claimed["attempt"], reason)
+    return "failed"
 
 
 # acks_late: a worker that dies mid-document leaves the message to be delivered again, and the next run

@@ -12,6 +12,7 @@ import kombu.exceptions
 import pytest
 
 from api import create_app
+from retrieval import store
 from tasks.ingest.task import ingest
 from tasks.jobs import tenants
 from tests.retrieval.support import make_pdf
@@ -282,3 +283,14 @@ def test_another_tenants_collections_and_documents_are_404_and_never_found(app, 
     still = client.get(f"{base}/documents/{doc['id']}", headers=auth(key_a)).get_json()
     assert still["status"] == "ready"
     assert _search(client, key_a, theirs["id"], q="vault code").get_json()["data"][0]["document_id"] == doc["id"]
+
+
+def test_a_collection_of_another_model_is_not_searched_by_vector(client, tenant, db):
+    tenant_row, key = tenant
+    with db.connection() as conn:
+        other = store.create_collection(conn, tenant_row.id, "old-model", embedding_model="some-other-model",
+                                        embedding_dim=768)
+    problem = _problem(_search(client, key, other.id, q="anything", mode="vector"), 409)
+    assert "some-other-model" in problem["detail"] and problem["title"] == "Embedding model mismatch"
+    _problem(_search(client, key, other.id, q="anything", mode="hybrid"), 409)
+    assert _search(client, key, other.id, q="anything", mode="keyword").status_code == 200  # no vectors compared
