@@ -13,6 +13,8 @@ from api.auth import authenticate
 from api.errors import ApiError
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
 from api.schemas import JobRequest
+from retrieval import store as retrieval_store
+from retrieval.errors import NotFound
 from tasks.jobs import lifecycle, store
 from tasks.jobs.resource import job_resource
 from tasks.jobs.status import JobStatus
@@ -92,6 +94,30 @@ def _check_seed(job: JobRequest, model: str) -> None:
                        errors=[{"field": "seed", "message": "not supported by the serving engine"}])
 
 
+def _check_rag(job: JobRequest) -> dict | None:
+    """The job's `rag`, as stored (top_k filled in): its collections must be the tenant's (another
+    tenant's looks missing) and searchable by the embedding model the GPU workers load."""
+    if job.rag is None:
+        return None
+    settings = _services().settings
+    rag = job.rag.model_dump(mode="json")
+    rag["top_k"] = rag["top_k"] or min(settings.rag_top_k, 20)
+    with _services().pool.connection() as conn:
+        try:
+            collections = retrieval_store.get_collections(conn, g.tenant.id, rag["collections"])
+        except NotFound as exc:
+            raise ApiError(422, "Unknown collection", f"{exc}; create it with POST /v1/collections first",
+                           errors=[{"field": "rag.collections", "message": str(exc)}]) from None
+    if rag["mode"] != "keyword":
+        for c in collections:
+            if c.embedding_model != settings.embedding_model:
+                message = (f"collection {c.name!r} holds {c.embedding_model} vectors; the workers embed queries "
+                           f"with {settings.embedding_model}")
+                raise ApiError(422, "Embedding model mismatch", message + "; use mode `keyword` or another collection",
+                               errors=[{"field": "rag.collections", "message": message}])
+    return rag
+
+
 def _idempotency(body: dict) -> tuple[str, bytes, int] | None:
     """(key, digest of the body, ttl) from the Idempotency-Key header, if given."""
     key = request.headers.get("Idempotency-Key")
@@ -118,6 +144,7 @@ def submit():
     sampling = job.sampling()
     sampling["max_tokens"] = _fit_to_context(job, request_dict)
     _check_seed(job, model)
+    rag = _check_rag(job)
     tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in STRATEGIES else None
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     session_id = job.routing.session_id if job.routing else None
@@ -125,7 +152,8 @@ def submit():
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
-            request={**request_dict, **sampling, "max_attempts": max_attempts}, metadata=job.metadata,
+            request={**request_dict, **sampling, "max_attempts": max_attempts, **({"rag": rag} if rag else {})},
+            metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
             affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,
             webhook=job.webhook.model_dump() if job.webhook else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -76,6 +77,23 @@ class Webhook(BaseModel):
         return list(dict.fromkeys(v))
 
 
+class RagSpec(BaseModel):
+    """A job's retrieval phase: search these collections with the query (the last user message, or the
+    prompt) and place the top_k passages in the prompt, numbered for citation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collections: list[uuid.UUID] = Field(min_length=1, max_length=8)
+    top_k: int | None = Field(None, ge=1, le=20)  # default: settings.rag_top_k
+    mode: Literal["vector", "keyword", "hybrid"] = "hybrid"
+    filter: dict[Text, object] | None = None
+
+    @field_validator("collections")
+    @classmethod
+    def _dedupe(cls, v: list[uuid.UUID]) -> list[uuid.UUID]:
+        return list(dict.fromkeys(v))
+
+
 class JobRequest(BaseModel):
     """Body of POST /v1/jobs. Give exactly one of `messages` (chat) or `prompt` (plain completion)."""
 
@@ -93,6 +111,7 @@ class JobRequest(BaseModel):
     routing: Routing | None = None
     metadata: dict[Text, Text | int | float | bool | None] = Field(default_factory=dict, max_length=32)
     webhook: Webhook | None = None
+    rag: RagSpec | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

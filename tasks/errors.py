@@ -25,6 +25,7 @@ class ErrorKind(str, Enum):
     TIMEOUT = "timeout"  # the generation ran past settings.job_timeout
     NO_NODE = "no_node"  # no live node served the model before settings.no_node_deadline
     CANCELLED = "cancelled"  # by the client
+    RETRIEVAL_UNAVAILABLE = "retrieval_unavailable"  # a RAG job's search met Postgres unreachable
 
     @property
     def retryable(self) -> bool:
@@ -34,7 +35,7 @@ class ErrorKind(str, Enum):
 #: kinds another attempt may cure; everything else fails the job at once. An unrecognised engine
 #: failure is retried: it is far more often the engine's trouble than the request's.
 RETRYABLE = frozenset({ErrorKind.ENGINE_ERROR, ErrorKind.ENGINE_DEAD, ErrorKind.ENGINE_OVERLOADED,
-                       ErrorKind.WORKER_LOST})
+                       ErrorKind.WORKER_LOST, ErrorKind.RETRIEVAL_UNAVAILABLE})
 
 #: kinds that count as a crash of the attempt's worker or engine (poison-job detection)
 CRASHES = frozenset({ErrorKind.WORKER_LOST, ErrorKind.ENGINE_DEAD})

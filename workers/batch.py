@@ -125,7 +125,10 @@ class BatchCore:
         except Exception as exc:  # noqa: BLE001 - an engine failure nobody classified: worth another attempt
             log.exception("job %s: unrecognised engine failure", job["id"])
             return Outcome(job, error=JobError(ErrorKind.ENGINE_ERROR, f"the engine failed: {exc!r}"), seconds=seconds)
-        return Outcome(job, result=result_of(completion), seconds=seconds)
+        result = result_of(completion)
+        if job.get("rag_result") is not None:  # a RAG job: its citations and what retrieval found
+            result |= job["rag_result"]
+        return Outcome(job, result=result, seconds=seconds)
 
     def _restart(self, generation: int) -> None:
         """Rebuild a dead engine; a failed rebuild is logged, not raised (the jobs' outcomes still stand,

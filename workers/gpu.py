@@ -95,6 +95,22 @@ def _make_engine(settings, tokenizer):
                       enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
 
 
+def _make_retrieval(app, tokenizer):
+    """The retrieval phase of RAG jobs, with the embedder loaded now (at boot, never at import), so the
+    first RAG batch does not pay for it. SWITCHYARD_RETRIEVAL=off leaves it out (RAG jobs then fail as invalid)."""
+    settings = app.settings
+    if os.environ.get("SWITCHYARD_RETRIEVAL", "on") == "off":
+        return None
+    from tasks.ingest.task import settings_embedder
+    from workers.retrieval_phase import RetrievalPhase
+
+    embedder = settings_embedder(settings)
+    embedder.load()
+    log.info("embedder %s loaded for RAG jobs", embedder.model_name)
+    return RetrievalPhase(app.db, embedder, tokenizer, max_model_len=settings.max_model_len,
+                          ef_search=settings.hnsw_ef_search, max_scan_tuples=settings.hnsw_max_scan_tuples)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
@@ -113,7 +129,7 @@ def main() -> None:
     guard()  # the engine's processes must die with this one, even when it alone is SIGKILLed
     engine.start()
     app = create_celery(settings)
-    node = Node(app, engine, tokenizer)
+    node = Node(app, engine, tokenizer, retrieval=_make_retrieval(app, tokenizer))
     app.node = node
     _recover_previous_life(app)
     stop, draining = threading.Event(), threading.Event()

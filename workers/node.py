@@ -15,7 +15,7 @@ import logging
 import threading
 from contextlib import contextmanager
 
-from tasks.errors import TRANSIENT, ErrorKind
+from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.jobs import lifecycle, store
 from tasks.retry import ride_out
 from tasks.routing import registry
@@ -71,8 +71,9 @@ def _ewma(old: float | None, new: float) -> float:
 
 
 class Node:
-    def __init__(self, app, engine, tokenizer):
+    def __init__(self, app, engine, tokenizer, retrieval=None):
         self.app, self.settings = app, app.settings
+        self.retrieval = retrieval  # a workers.retrieval_phase.RetrievalPhase, for RAG jobs
         self.node_id = app.settings.node_id
         self.core = BatchCore(engine, tokenizer, job_timeout=app.settings.job_timeout)
         self.ewma_job_seconds: float | None = None
@@ -95,20 +96,44 @@ class Node:
         normal = [(i, a) for i, a in items if crashes.get(str(i), 0) < SOLO_AFTER_CRASHES]
         if normal:
             with self._gate.shared():
-                self.core.run(self._start(normal), self._record)
+                self.core.run(self._retrieve(self._start(normal)), self._record)
         for item in items:
             if crashes.get(str(item[0]), 0) >= SOLO_AFTER_CRASHES:
                 # Marked running only once it has the engine to itself: if it crashes the node again,
                 # no job merely waiting behind it is blamed.
                 with self._gate.exclusive():
                     log.warning("job %s was running in %d crashes: running it alone", item[0], crashes[str(item[0])])
-                    self.core.run(self._start([item]), self._record)
+                    self.core.run(self._retrieve(self._start([item])), self._record)
 
     def _durably(self, fn, what: str):
         return ride_out(fn, tolerance=self.settings.outage_tolerance, what=what)
 
     def _start(self, items: list[tuple[str, int]]) -> list[dict]:
         return self._durably(lambda: lifecycle.start(self.app, items, self.node_id), "marking jobs running")
+
+    def _retrieve(self, jobs: list[dict]) -> list[dict]:
+        """The retrieval phase for the batch's RAG jobs (a cheap check for the others): their prompts
+        gain the retrieved passages; a job whose search failed is recorded here and not generated."""
+        rag = [j for j in jobs if j["request"].get("rag")]
+        if not rag:
+            return jobs
+        if self.retrieval is None:
+            failed = [(j, JobError(ErrorKind.INVALID_REQUEST, "this worker has no retrieval set up")) for j in rag]
+            ready = []
+        else:
+            items = [(str(j["id"]), j["attempt"]) for j in rag]
+            self._stamp(items, "retrieval_started_at")
+            ready, failed = self.retrieval.run(rag)
+            self._stamp([(str(j["id"]), j["attempt"]) for j in ready], "retrieved_at")
+        for job, error in failed:
+            self._record(Outcome(job, error=error))
+        augmented = {str(j["id"]): j for j in ready}
+        return [augmented.get(str(j["id"]), j) if j["request"].get("rag") else j for j in jobs
+                if not j["request"].get("rag") or str(j["id"]) in augmented]
+
+    def _stamp(self, items: list[tuple[str, int]], column: str) -> None:
+        if items:
+            self._durably(lambda: store.mark_retrieval(self.app.db, items, column), f"recording {column}")
 
     def _record(self, outcome: Outcome) -> None:
         """Hand one outcome to the lifecycle; park it if Postgres stays away past the outage tolerance."""

@@ -22,6 +22,8 @@ def job_resource(row: dict) -> dict:
         "created_at": timestamp(row["created_at"]),
         "routed_at": timestamp(row["routed_at"]),
         "started_at": timestamp(row["started_at"]),
+        "retrieval_started_at": timestamp(row.get("retrieval_started_at")),
+        "retrieved_at": timestamp(row.get("retrieved_at")),
         "finished_at": timestamp(row["finished_at"]),
         "request": row["request"],
         "metadata": row["metadata"],

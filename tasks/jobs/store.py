@@ -163,9 +163,23 @@ def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str)
             """UPDATE jobs j SET status = 'running', started_at = now()
                  FROM unnest(%s::uuid[], %s::int[]) AS t(id, attempt)
                 WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed' AND j.node_id = %s
-            RETURNING j.id, j.attempt, j.model, j.request""",
+            RETURNING j.id, j.attempt, j.model, j.request, j.tenant_id""",
             (list(ids), list(attempts), node_id),
         ).fetchall()
+
+
+def mark_retrieval(pool: ConnectionPool, items: list[tuple[str, int]], column: str) -> None:
+    """Stamp `column` (retrieval_started_at or retrieved_at) on running attempts of a RAG batch."""
+    if column not in ("retrieval_started_at", "retrieved_at") or not items:
+        return
+    ids, attempts = zip(*items)
+    with pool.connection() as conn:
+        conn.execute(
+            f"""UPDATE jobs j SET {column} = clock_timestamp()
+                  FROM unnest(%s::uuid[], %s::int[]) AS t(id, attempt)
+                 WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'running'""",
+            ([str(i) for i in ids], list(attempts)),
+        )
 
 
 def crash_counts(pool: ConnectionPool, job_ids: list[str]) -> dict[str, int]:
