@@ -97,10 +97,8 @@ def _make_engine(settings, tokenizer):
 
 def _make_retrieval(app, tokenizer):
     """The retrieval phase of RAG jobs, with the embedder loaded now (at boot, never at import), so the
-    first RAG batch does not pay for it. SWITCHYARD_RETRIEVAL=off leaves it out (RAG jobs then fail as invalid)."""
+    first RAG batch does not pay for it (sentence-transformers on the CPU, beside the engine)."""
     settings = app.settings
-    if os.environ.get("SWITCHYARD_RETRIEVAL", "on") == "off":
-        return None
     from tasks.ingest.task import settings_embedder
     from workers.retrieval_phase import RetrievalPhase
 
