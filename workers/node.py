@@ -140,8 +140,8 @@ class Node:
         job, error = outcome.job, outcome.error
         if error is None:
             self._healthy(outcome)
-        elif error.retryable or error.kind is ErrorKind.TIMEOUT:
-            self._unhealthy()
+        elif (error.retryable or error.kind is ErrorKind.TIMEOUT) and error.kind is not ErrorKind.RETRIEVAL_UNAVAILABLE:
+            self._unhealthy()  # (a search that met Postgres away says nothing about this node's engine)
         try:
             if error is not None and error.retryable:
                 self._durably(lambda: lifecycle.retry(self.app, job, self.node_id, error), f"re-queueing job {job['id']}")

@@ -70,7 +70,7 @@ def test_a_collection_of_another_embedding_model_is_refused_unless_keyword(clien
 
 
 def test_a_good_rag_is_stored_with_its_defaults_and_shown_with_null_retrieval_times(client, api_redis, db, tenant):
-    t, key = tenant
+    _, key = tenant
     collection = _collection(client, key)
     response = _post(client, key, {"collections": [collection, collection], "filter": {"lang": "en"}})
     assert response.status_code == 202, response.get_json()
