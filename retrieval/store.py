@@ -162,22 +162,39 @@ def delete_document(conn: psycopg.Connection, tenant_id, document_id) -> None:
         raise NotFound(f"no document {document_id}")
 
 
-def claim_document(conn: psycopg.Connection, tenant_id, document_id) -> dict | None:
+def claim_document(conn: psycopg.Connection, tenant_id, document_id, *,
+                   stalled_after: float | None = None) -> dict | None:
     """Start an ingestion run: the document becomes `processing` under a new attempt number and any
-    chunks an earlier, interrupted run left are deleted, in one transaction. None if it is `ready`."""
+    chunks an earlier, interrupted run left are deleted, in one transaction. None if it is `ready`.
+
+    With `stalled_after`, a document another run is `processing` is only taken over once that run has
+    made no progress (no batch stored) for that many seconds: a duplicate message does not restart a
+    healthy run. Without it (a retry of this very message, whose run has ended), any run is taken over."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             """UPDATE documents SET status = 'processing', attempt = attempt + 1, error = NULL,
                                     chunks_embedded = 0, chunks_total = NULL, updated_at = now()
                 WHERE id = %s AND tenant_id = %s AND status <> 'ready'
+                  AND (status <> 'processing' OR %s::float8 IS NULL
+                       OR updated_at < now() - make_interval(secs => %s::float8))
             RETURNING id, tenant_id, collection_id, attempt, content, content_type, metadata""",
-            (document_id, tenant_id),
+            (document_id, tenant_id, stalled_after, stalled_after),
         ).fetchone()
         if row:
             cur.execute("DELETE FROM chunks WHERE document_id = %s", (document_id,))
     if row is None:
         get_document(conn, tenant_id, document_id)  # NotFound if it is not the tenant's
     return row
+
+
+def stalled_documents(conn: psycopg.Connection, older_than: float, limit: int = 500) -> list[dict]:
+    """Documents, of every tenant, `queued` or `processing` with no progress for `older_than` seconds:
+    their ingest message was lost, or the worker running them died (updated_at moves with every batch)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            """SELECT id, tenant_id, status, attempt FROM documents
+                WHERE status IN ('queued', 'processing') AND updated_at < now() - make_interval(secs => %s)
+                ORDER BY updated_at LIMIT %s""", (older_than, limit)).fetchall()
 
 
 def _fence(cur, document_id, attempt: int) -> None:

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10_485_760, ge=1024)
     # Documents one ingest worker parses and embeds at once (pool threads sharing one model).
     ingest_concurrency: int = Field(2, ge=1)
+    # A document `queued` or `processing` with no progress (no batch of chunks stored) for this long is
+    # sent to the ingest queue again by the reconciler: its message was lost or its worker died. It
+    # bounds, too, how long parsing and chunking one document may take before another run takes over.
+    ingest_stall_after: float = Field(300.0, gt=0)
 
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"

@@ -15,6 +15,9 @@ about live nodes and messages):
 - queued long after it was due (settings.redispatch_after): its route message was lost, or the API
   crashed between the commit and the publish; the job is published again.
 
+It does the same for RAG documents whose ingestion stalled (an ingest worker that died mid-document, a
+lost message): tasks/ingest/recovery.py.
+
 Every transition is conditional on (status, attempt), so a sweep racing a worker, or two sweeps,
 cannot double anything: the stale side's update simply matches no row.
 """
@@ -29,6 +32,7 @@ import time
 from redis.exceptions import LockError
 
 from tasks.errors import TRANSIENT, ErrorKind, JobError
+from tasks.ingest import recovery as ingest_recovery
 from tasks.jobs import lifecycle, stranded
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
@@ -49,6 +53,7 @@ class Reconciler:
         self.sweeps = 0
         self.trust_heartbeats_after = 0.0
         self._next_message_check = 0.0
+        self._next_document_check = 0.0
         # The lock outlives a sweep's expected length several times over, and is extended as the sweep
         # goes: another router's reconciler never starts while this one is still at work.
         self._lock = app.redis.lock(LOCK_KEY, timeout=max(5.0, 5 * self.settings.reconcile_interval),
@@ -104,7 +109,7 @@ class Reconciler:
         s, redis, pool = self.settings, self.app.redis, self.app.db
         self.sweeps += 1
         counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "dead": 0,
-                  "resent": 0, "republished": 0}
+                  "resent": 0, "republished": 0, "documents_resent": 0}
         nodes = registry.live_nodes(redis)
         live = {n["id"] for n in nodes}
 
@@ -128,6 +133,10 @@ class Reconciler:
             self._still_mine()
             lifecycle.redispatch(self.app, job)
             counts["republished"] += 1
+
+        if time.monotonic() >= self._next_document_check:
+            self._next_document_check = time.monotonic() + min(s.ingest_stall_after / 3, 60)
+            counts["documents_resent"] = ingest_recovery.resume_stalled(self.app, each=self._still_mine)
 
         if self.sweeps % _RESYNC_EVERY == 0:
             self._resync_assigned(live)

@@ -229,3 +229,20 @@ def test_a_superseded_run_writes_nothing_more(conn, tenant, collection):
         store.insert_chunks(conn, old, old["attempt"], [chunk], [[1.0] + [0.0] * 383], {})
     assert not store.mark_ready(conn, doc["id"], old["attempt"])
     assert _chunk_count(conn, doc["id"]) == 0
+
+
+def test_a_run_making_progress_is_not_taken_over_until_it_stalls(conn, tenant, collection):
+    """A duplicate message (stalled_after given) leaves a healthy run alone; once the run has stored
+    nothing for stalled_after seconds, the next claim takes the document over and drops its chunks."""
+    doc, _ = _add(conn, tenant[0].id, collection, "watched text")
+    first = store.claim_document(conn, tenant[0].id, doc["id"])
+    chunk = Chunk(0, "watched text", 0, 12, (), None, "watched text", 4)
+    store.set_chunks_total(conn, doc["id"], first["attempt"], 2)
+    store.insert_chunks(conn, first, first["attempt"], [chunk], [[1.0] + [0.0] * 383], {})
+    assert store.claim_document(conn, tenant[0].id, doc["id"], stalled_after=60) is None
+    assert store.get_document(conn, tenant[0].id, doc["id"])["chunks_embedded"] == 1
+    conn.execute("UPDATE documents SET updated_at = now() - interval '61 seconds' WHERE id = %s", (doc["id"],))
+    assert [d["id"] for d in store.stalled_documents(conn, 60) if d["id"] == doc["id"]] == [doc["id"]]
+    taken = store.claim_document(conn, tenant[0].id, doc["id"], stalled_after=60)
+    assert taken["attempt"] == first["attempt"] + 1 and _chunk_count(conn, doc["id"]) == 0
+    assert not [d for d in store.stalled_documents(conn, 60) if d["id"] == doc["id"]]

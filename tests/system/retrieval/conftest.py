@@ -16,7 +16,9 @@ from tasks.celery_app import create_celery
 @pytest.fixture(scope="module")
 def ingest_settings(base_settings):
     redis_base = base_settings.redis_url.rsplit("/", 1)[0]
-    return base_settings.model_copy(update={"redis_url": f"{redis_base}/4", "node_id": "test-ingest"})
+    return base_settings.model_copy(update={"redis_url": f"{redis_base}/4", "node_id": "test-ingest",
+                                            # a document's ingestion is presumed dead after 3 s without progress
+                                            "ingest_stall_after": 3.0})
 
 
 @pytest.fixture
@@ -24,7 +26,9 @@ def ingest_worker(ingest_settings, tmp_path):
     """One ingest worker, its model loaded and answering a ping; stopped (again) at the end."""
     env = {**os.environ, "DATABASE_URL": ingest_settings.database_url, "REDIS_URL": ingest_settings.redis_url,
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SWITCHYARD_NODE_ID": "test-ingest",
-           "SWITCHYARD_INGEST_CONCURRENCY": "2"}
+           "SWITCHYARD_INGEST_CONCURRENCY": "2", "SWITCHYARD_INGEST_STALL_AFTER": str(ingest_settings.ingest_stall_after),
+           # small batches: progress shows often enough for a test to stop the worker half way
+           "SWITCHYARD_EMBEDDING_BATCH_SIZE": "8"}
     workers = ProcessGroup(tmp_path / "logs", env)
     try:
         workers.start("ingest", [sys.executable, "-m", "workers.ingest_worker"])

@@ -4,11 +4,16 @@ stopping the worker leaves no process behind."""
 from __future__ import annotations
 
 import io
+import signal
+import sys
 import time
 
 import psutil
 
 from ops import processes
+from tasks.celery_app import create_celery
+from tasks.ingest import recovery
+from tasks.jobs.reconciler import Reconciler
 from tests.retrieval.support import make_pdf
 from tests.support import auth
 
@@ -65,3 +70,48 @@ def test_the_worker_ingests_uploads_and_search_finds_them_then_it_stops_cleanly(
     assert ingest_worker.stop() == ["ingest"]
     assert not any(processes.alive(p) for p in tree), tree
     assert processes.group_members(pid) == []
+
+
+def test_a_worker_killed_mid_document_leaves_it_unsearchable_and_the_next_worker_finishes_it(
+        client, tenant, ingest_worker, ingest_settings, db):
+    """SIGKILL to the ingest worker's process group half way through a long document: the document
+    stays `processing` with part of its chunks, invisible to search; a reconciler sweep sends it again
+    once it has stalled, and a new worker takes it over and indexes it exactly once."""
+    _, key = tenant
+    collection = client.post("/v1/collections", json={"name": "long"}, headers=auth(key)).get_json()
+    sections = [f"## Section {i}\n\n" + " ".join(f"Harbour {i} log line {j}: the tide turned at the {j}th bell "
+                                                 f"and the pilot boat went out to meet ship {i}-{j}."
+                                                 for j in range(40)) for i in range(30)]
+    upload = client.post(f"/v1/collections/{collection['id']}/documents",
+                         json={"title": "harbour log", "text": "# Harbour log\n\n" + "\n\n".join(sections),
+                               "content_type": "text/markdown"}, headers=auth(key))
+    assert upload.status_code == 202, upload.get_json()
+    doc_url = f"/v1/collections/{collection['id']}/documents/{upload.get_json()['id']}"
+
+    half_way = ingest_worker.wait_until(
+        lambda: (d := client.get(doc_url, headers=auth(key)).get_json())["chunks_embedded"] >= 16 and d, 120,
+        "the document half ingested", interval=0.05)
+    ingest_worker.signal("ingest", signal.SIGKILL)
+    ingest_worker.wait_exit("ingest", 10)
+    left = client.get(doc_url, headers=auth(key)).get_json()
+    print(f"killed at {left['chunks_embedded']} / {left['chunks_total']} chunks")
+    assert half_way["chunks_total"] > left["chunks_embedded"] > 0 and left["status"] == "processing", left
+    search = f"/v1/collections/{collection['id']}/search"
+    assert client.get(search, query_string={"q": "pilot boat", "mode": "keyword"},
+                      headers=auth(key)).get_json()["data"] == []  # half-indexed: invisible
+
+    app = create_celery(ingest_settings)
+    app.db = db
+    time.sleep(ingest_settings.ingest_stall_after + 0.5)
+    assert Reconciler(app).sweep()["documents_resent"] >= 1  # the session's database holds other tests' too
+    assert left["id"] in recovery.waiting_documents(app)
+    ingest_worker.start("ingest", [sys.executable, "-m", "workers.ingest_worker"])
+    done = ingest_worker.wait_until(
+        lambda: (d := client.get(doc_url, headers=auth(key)).get_json())["status"] == "ready" and d, 180,
+        "the document ready after the restart")
+    with db.connection() as conn:
+        ordinals = [r["ordinal"] for r in conn.execute(
+            "SELECT ordinal FROM chunks WHERE document_id = %s ORDER BY ordinal", (done["id"],)).fetchall()]
+    assert ordinals == list(range(done["chunks_total"])) and done["chunks_embedded"] == done["chunks_total"]
+    hits = client.get(search, query_string={"q": "pilot boat ship 7-3", "mode": "keyword"}, headers=auth(key))
+    assert hits.get_json()["data"], hits.get_json()

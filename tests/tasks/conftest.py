@@ -16,7 +16,7 @@ def app(backing, base_settings):
     pg, valkey = backing
     settings = base_settings.model_copy(update={
         "database_url": fresh_database(pg.url), "redis_url": valkey.url.rsplit("/", 1)[0] + "/5",
-        "node_id": "jobs-tests", "redispatch_after": 1.0})
+        "node_id": "jobs-tests", "redispatch_after": 1.0, "ingest_stall_after": 2.0})
     app = create_celery(settings)
     app.db = make_pool(settings.database_url, max_size=4, name="jobs-tests")
     yield app
