@@ -4,6 +4,8 @@
 prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, the
 ingest worker, a small local webhook receiver and Flower, then submits a few sample jobs, prints the
 model's answers and shows the first job's webhook arriving at the receiver, its signature verified.
+Last, a retrieval-augmented sample: the project's own docs (README.md, docs/) are ingested into a
+collection `switchyard-docs`, and one question is answered from them, printed with its citations.
 State, logs and pid files live in `.switchyard/`, so a second `up` reuses everything the first prepared
 and `down` stops exactly what `up` started.
 """
@@ -49,10 +51,18 @@ RECEIVER_URL = f"http://127.0.0.1:{RECEIVER_PORT}/hooks"
 WEBHOOK_SECRET, WEBHOOKS_SEEN = HOME / "webhook-secret", HOME / "webhooks.jsonl"
 
 SAMPLES = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48, "temperature": 0},
+    {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "max_tokens": 48, "temperature": 0},
     {"messages": [{"role": "user", "content": "Name three primary colors."}], "max_tokens": 48, "temperature": 0},
     {"prompt": "The three laws of thermodynamics are", "max_tokens": 48, "temperature": 0},
 ]
+
+# The RAG sample: the project's own docs, and a question they answer.
+RAG_COLLECTION = "switchyard-docs"
+RAG_QUESTION = "Which command stops everything that make up started?"
+
+
+def rag_documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def say(message: str) -> None:
@@ -151,7 +161,8 @@ def _call(method: str, path: str, key: str, body: dict | None = None) -> dict:
                                  data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=90) as resp:
-        return json.loads(resp.read())
+        raw = resp.read()
+    return json.loads(raw) if raw else {}
 
 
 def run_samples(key: str) -> None:
@@ -172,6 +183,53 @@ def run_samples(key: str) -> None:
             print(f"  !! job {done['id']} is {done['status']}: {done.get('error')}")
     print()
     show_webhook(key, jobs[0][0]["id"])
+
+
+def run_rag_sample(key: str, timeout: float = 180) -> None:
+    """Ingest the project's docs into a fresh `switchyard-docs` collection (made anew on every `up`, so
+    it holds the docs as they are now), then ask RAG_QUESTION over it and print the cited answer."""
+    for collection in _call("GET", "/v1/collections", key)["data"]:
+        if collection["name"] == RAG_COLLECTION:
+            _call("DELETE", f"/v1/collections/{collection['id']}", key)
+    collection = _call("POST", "/v1/collections", key, {"name": RAG_COLLECTION})
+    base = f"/v1/collections/{collection['id']}/documents"
+    paths = rag_documents()
+    say(f"RAG sample: ingesting {len(paths)} documents of the project's docs into collection {RAG_COLLECTION!r}")
+    for path in paths:
+        _call("POST", base, key, {"title": str(path.relative_to(ROOT)), "text": path.read_text(),
+                                  "content_type": "text/markdown"})
+    deadline, shown = time.monotonic() + timeout, None
+    while True:
+        docs = _call("GET", base, key)["data"]
+        progress = (sum(d["chunks_embedded"] for d in docs), sum(d["chunks_total"] or 0 for d in docs),
+                    sum(d["status"] == "ready" for d in docs))
+        if progress != shown:
+            say(f"  {progress[2]}/{len(docs)} documents ready, {progress[0]}/{progress[1]} chunks embedded")
+            shown = progress
+        if any(d["status"] == "failed" for d in docs):
+            raise SystemExit(f"RAG sample: ingestion failed: {[d['error'] for d in docs if d['error']]}")
+        if all(d["status"] == "ready" for d in docs):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"RAG sample: documents not ready after {timeout:.0f} s; see {LOGS / 'ingest.log'}")
+        time.sleep(0.5)
+    job = _call("POST", "/v1/jobs", key, {"messages": [{"role": "user", "content": RAG_QUESTION}],
+                                          "max_tokens": 64, "temperature": 0,
+                                          "rag": {"collections": [collection["id"]], "top_k": 3}})
+    done = _call("GET", f"/v1/jobs/{job['id']}?wait=60", key)
+    print(f"\n  Q: {RAG_QUESTION}   (rag: top 3 of {RAG_COLLECTION})")
+    if done["status"] != "succeeded":
+        print(f"  !! job {done['id']} is {done['status']}: {done.get('error')}\n")
+        return
+    result = done["result"]
+    print("  A: " + result["text"].strip().replace("\n", "\n     "))
+    for citation in result["citations"]:
+        snippet = " ".join(citation["snippet"].split())[:110]
+        print(f"     [{citation['n']}] {citation['title']} (chars {citation['char_start']}-{citation['char_end']}, "
+              f"score {citation['score']:.3f}): {snippet}…")
+    if not result["citations"]:
+        print(f"     (no citations: {result['retrieval'].get('note')})")
+    print()
 
 
 def show_webhook(key: str, job_id: str, timeout: float = 30) -> None:
@@ -226,6 +284,7 @@ def up(args) -> None:
     WEBHOOK_SECRET.chmod(0o600)
     if not args.no_samples:
         run_samples(key)
+        run_rag_sample(key)
     say(f"up in {time.monotonic() - started:.0f} s")
     say(f"API     http://127.0.0.1:{API_PORT}   (try: curl http://127.0.0.1:{API_PORT}/readyz)")
     say(f"Flower  http://127.0.0.1:{FLOWER_PORT}")

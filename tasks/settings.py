@@ -132,9 +132,10 @@ class Settings(BaseSettings):
     api_threads: int = Field(64, ge=1)
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
+    # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.
     home: Path | None = None  # default: .switchyard/ in the checkout
-    pg_port: int = 55432
-    valkey_port: int = 56379
+    pg_port: int = 25432
+    valkey_port: int = 26379
     api_port: int = 8000
     flower_port: int = 5555
     receiver_port: int = 8899
