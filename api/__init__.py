@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+import threading
+from dataclasses import dataclass, field
 
 from flask import Flask
 
 from tasks.settings import Settings
+
+
+class cached_property:  # noqa: N801 - used as functools.cached_property is
+    """functools.cached_property, locked with the instance's own lock. functools' lock is made when
+    functools is imported, before gunicorn's gevent worker patches threading, so it is a native lock
+    that every greenlet (all in one OS thread) passes: hundreds of requests arriving at once would each
+    open a connection pool of their own."""
+
+    def __init__(self, func):
+        self.func, self.name, self.__doc__ = func, func.__name__, func.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        with instance.lock:
+            if self.name not in instance.__dict__:
+                instance.__dict__[self.name] = self.func(instance)
+        return instance.__dict__[self.name]
 
 
 @dataclass
@@ -15,6 +33,13 @@ class Services:
     """Per-process handles, opened on first use (gunicorn forks after the app module is imported)."""
 
     settings: Settings
+    # Made with the Services (after gevent's patching, in a gunicorn worker): greenlet-aware there.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def warm_up(self) -> None:
+        """Open what every request needs and load the tokenizer, before the first request arrives
+        (gunicorn's post_worker_init): the first submit to a worker must not pay seconds for them."""
+        self.pool, self.redis, self.celery, self.tokenizer  # noqa: B018 - each opens on first access
 
     @cached_property
     def pool(self):
@@ -26,7 +51,11 @@ class Services:
     def redis(self):
         import redis
 
-        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        # A bounded, blocking pool: under gevent thousands of requests may want Redis at the same
+        # moment; they queue for one of these connections instead of each opening its own.
+        pool = redis.BlockingConnectionPool.from_url(self.settings.redis_url, max_connections=64, timeout=5,
+                                                     socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis(connection_pool=pool)
 
     @cached_property
     def celery(self):
@@ -55,6 +84,12 @@ class Services:
         from api.waiter import JobWaiter
 
         return JobWaiter(self.settings.redis_url)
+
+    @cached_property
+    def wait_slots(self):
+        from api.limits import WaitSlots
+
+        return WaitSlots(self.redis, self.settings.max_waits_per_tenant)
 
 
 def create_app(settings: Settings | None = None) -> Flask:

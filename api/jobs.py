@@ -195,7 +195,7 @@ def get(job_id: uuid.UUID):
     row = load_job(job_id)
     if wait and not JobStatus(row["status"]).is_terminal:
         deadline = time.monotonic() + wait
-        with _services().waiter.watch(str(job_id)) as finished:
+        with _services().wait_slots.hold(g.tenant.id, wait), _services().waiter.watch(str(job_id)) as finished:
             row = load_job(job_id)
             while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
                 finished.wait(left)

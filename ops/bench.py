@@ -74,6 +74,7 @@ from pathlib import Path
 
 from ops import processes
 from ops.processes import ROOT
+from ops.stats import percentile
 
 DOCS = ROOT / "docs" / "bench"
 STRATEGIES = ["round_robin", "least_connections", "weighted_response_time", "prefix_affinity"]
@@ -99,13 +100,6 @@ def fleets(args) -> dict[str, list[float]]:
 
 def capacity(args, token_seconds: list[float]) -> float:
     return sum(args.max_num_seqs / (args.max_tokens * t) for t in token_seconds)
-
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 # --- one run ----------------------------------------------------------------------------------------

@@ -1,13 +1,31 @@
 # gunicorn settings for the API, from Switchyard's settings (SWITCHYARD_API_BIND, _API_WORKERS,
-# _API_THREADS). Threads, not processes, carry concurrency: a long-poll (GET ?wait=N) holds its thread
-# while it waits for the job's notification.
+# _API_WORKER_CONNECTIONS). gevent workers, as Flask's deployment docs advise for many long-lived
+# connections: a long-poll (GET ?wait=N) is a parked greenlet, not a held thread, so thousands of them
+# cost memory only and a submit or a health check never queues behind them. gunicorn monkey-patches
+# each worker before it loads the app; psycopg (>= 3.1.14) and redis-py cooperate with gevent.
+import resource
+
 from tasks.settings import Settings
 
 _settings = Settings.from_env()
 bind = _settings.api_bind
 workers = _settings.api_workers
-worker_class = "gthread"
-threads = _settings.api_threads
+worker_class = "gevent"
+worker_connections = _settings.api_worker_connections
+backlog = 4096  # connections the kernel queues before accept (capped by net.core.somaxconn)
 timeout = 90  # > the 60 s long-poll maximum
 graceful_timeout = 30
 accesslog = "-"
+
+
+def on_starting(_server):
+    # Every waiting client holds a socket: lift the soft open-files limit to the hard one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def post_worker_init(worker):
+    # Each worker (after fork and gevent's patching) opens its pools and loads the tokenizer now.
+    worker.wsgi.extensions["switchyard"].warm_up()

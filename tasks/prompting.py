@@ -12,7 +12,14 @@ from pathlib import Path
 
 @lru_cache(maxsize=4)
 def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer  # heavy; only processes that validate or generate need it
+    """The model's fast tokenizer (with its chat template). Loaded as PreTrainedTokenizerFast when the
+    model folder has a tokenizer.json: AutoTokenizer would read the model's config and import torch
+    on the way (about 500 MB in every API worker, for nothing the API does with it)."""
+    if (Path(model_path) / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast  # only processes that count tokens import it
+
+        return PreTrainedTokenizerFast.from_pretrained(str(model_path))
+    from transformers import AutoTokenizer  # (importing this name alone imports torch)
 
     return AutoTokenizer.from_pretrained(str(model_path))
 

@@ -129,7 +129,12 @@ class Settings(BaseSettings):
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"
     api_workers: int = Field(2, ge=1)
-    api_threads: int = Field(64, ge=1)
+    # gevent workers: each connection is a greenlet, so a long-poll holds no thread. Connections one
+    # worker serves at once (gunicorn's worker_connections); a client beyond them waits in the backlog.
+    api_worker_connections: int = Field(10_000, ge=10)
+    # Long-polls (GET /v1/jobs/{id}?wait=N) one tenant may hold at once across all API processes; a
+    # tenant beyond it gets 429 with Retry-After, so one tenant cannot take every connection.
+    max_waits_per_tenant: int = Field(5_000, ge=1)
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
     # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.
