@@ -152,7 +152,8 @@ def submit():
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
-            request={**request_dict, **sampling, "max_attempts": max_attempts, **({"rag": rag} if rag else {})},
+            request={**request_dict, **sampling, "max_attempts": max_attempts, **({"rag": rag} if rag else {}),
+                     **({"cache": True} if job.cache else {})},
             metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
             affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,

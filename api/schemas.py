@@ -112,6 +112,8 @@ class JobRequest(BaseModel):
     metadata: dict[Text, Text | int | float | bool | None] = Field(default_factory=dict, max_length=32)
     webhook: Webhook | None = None
     rag: RagSpec | None = None
+    # Opt in to the exact-match result cache (tasks/jobs/cache.py): temperature 0, no rag.
+    cache: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -138,6 +140,15 @@ class JobRequest(BaseModel):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of `messages` (a chat) or `prompt` (plain text)")
         return self
+
+    @field_validator("cache")
+    @classmethod
+    def _cacheable(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("temperature", 1.0) != 0:
+            raise ValueError("only deterministic requests are cached: set `temperature` to 0, or drop `cache`")
+        if v and info.data.get("rag") is not None:
+            raise ValueError("a job with `rag` cannot use the cache (retrieved context changes as collections do)")
+        return v
 
     def sampling(self) -> dict:
         """The fields the engine needs, as stored with the job."""

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
 
     # Idempotency-Key lifetime.
     idempotency_ttl: int = Field(86_400, ge=60)
+    # Seconds a result-cache entry (a `cache: true`, temperature-0 job's answer) is kept in Redis.
+    result_cache_ttl: int = Field(86_400, ge=1)
 
     # Webhooks. Lists are comma-separated in the environment (or JSON lists).
     # SSRF allow-list: CIDRs (any port) or host:port; empty (the production default) denies every

@@ -28,7 +28,7 @@ import time
 import redis as redis_lib
 
 from tasks.errors import TRANSIENT, ErrorKind, JobError, QueueUnavailable
-from tasks.jobs import dead_letters, notify, store, stranded
+from tasks.jobs import cache, dead_letters, notify, store, stranded
 from tasks.jobs.status import JobStatus
 from tasks.names import GENERATE_TASK, ROUTE_TASK, node_queue, route_queue
 from tasks.retry import backoff
@@ -92,9 +92,18 @@ def send_to_node(app, job_id, attempt: int, node_id: str) -> None:
 def submit(app, **job) -> tuple[dict, bool]:
     """→ queued, published to its strategy's queue. Returns (row, created); an Idempotency-Key replay
     returns the original job with created=False. Raises QueueUnavailable, leaving nothing stored, when
-    the broker refuses the job."""
-    row, created = store.insert_job(app.db, **job)
-    if created:
+    the broker refuses the job.
+
+    A job that opted in to the result cache and finds its answer there is stored `succeeded` at once,
+    with that answer (tasks.jobs.cache); nothing is published."""
+    hit = None
+    if cache.wanted(job["request"]):
+        try:
+            hit = cache.lookup(app.redis, job["tenant_id"], job["model"], job["request"])
+        except _REDIS_FAILURES as exc:  # the cache is an optimisation: run the job
+            log.warning("result cache unreachable (%r); the job runs", exc)
+    row, created = store.insert_job(app.db, **job, cached_result=hit)
+    if created and hit is None:
         try:
             publish(app, row)
         except _REDIS_FAILURES as exc:
@@ -159,6 +168,9 @@ def finish(app, job: dict, node_id: str, *, result: dict | None = None, error: J
     _release(app, node_id, job["id"], job["attempt"])
     if accepted:
         _wake(app, job["id"])
+        if result is not None and cache.wanted(job.get("request") or {}):
+            _best_effort("filling the result cache",
+                         lambda: cache.remember(app.redis, job, result, app.settings.result_cache_ttl))
     return accepted
 
 

@@ -35,8 +35,10 @@ class IdempotencyConflict(Exception):
 def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
                max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
                idempotency: tuple[str, bytes, int] | None = None,
-               webhook: dict | None = None) -> tuple[dict, bool]:
-    """Insert a queued job; returns (row, created).
+               webhook: dict | None = None, cached_result: dict | None = None) -> tuple[dict, bool]:
+    """Insert a queued job; returns (row, created). With `cached_result` (a result-cache hit), the job
+    is moved on to `succeeded` with it in the same transaction (an update, so the webhook trigger
+    sees the transition like any other).
 
     With `idempotency` = (key, request digest, ttl seconds), a live key returns the job it created
     (created=False) instead of inserting, and a key reused with another digest raises
@@ -52,6 +54,10 @@ def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, re
                 (job_id, tenant_id, model, strategy, Jsonb(request), Jsonb(metadata), max_attempts,
                  session_id, affinity_key, Jsonb(webhook) if webhook is not None else None),
             ).fetchone()
+            if cached_result is not None:
+                row = conn.execute(
+                    """UPDATE jobs SET status = 'succeeded', result = %s, started_at = now(), finished_at = now()
+                        WHERE id = %s RETURNING *""", (Jsonb(cached_result), job_id)).fetchone()
             if idempotency is None:
                 return row, True
             key, digest, ttl = idempotency

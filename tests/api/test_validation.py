@@ -40,6 +40,10 @@ BAD_REQUESTS = [
     # No live node at all here, so none advertises seed support (see test_a_seed_follows_...).
     ("seed-unsupported", {"prompt": "hi", "seed": 7, "temperature": 0.8}, 422, "seed"),
     ("bad-metadata", {"prompt": "hi", "metadata": {"k": {"nested": 1}}}, 422, "metadata"),
+    ("cache-sampled", {"prompt": "hi", "cache": True, "temperature": 0.7}, 422, "set `temperature` to 0"),
+    ("cache-default-temperature", {"prompt": "hi", "cache": True}, 422, "only deterministic requests"),
+    ("cache-with-rag", {"prompt": "hi", "cache": True, "temperature": 0,
+                        "rag": {"collections": ["00000000-0000-0000-0000-000000000001"]}}, 422, "cannot use the cache"),
 ]
 
 

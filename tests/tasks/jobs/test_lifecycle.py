@@ -177,3 +177,31 @@ def test_cancel_tells_the_node_and_the_waiters(app, app_tenant):
     assert heard == {notify.CANCEL_CHANNEL, notify.FINISHED_CHANNEL}
     assert lifecycle.cancel(app, job["id"], app_tenant.id) is None
     assert lifecycle.start(app, [(str(job["id"]), 1)], NODE) == []  # a cancelled job never starts
+
+
+def test_a_cached_answer_serves_the_same_deterministic_request_of_the_same_tenant_only(app, app_tenant):
+    from tasks.jobs import tenants
+
+    request = {"prompt": "What is 2 + 2?", "max_tokens": 8, "temperature": 0, "top_p": 1.0, "cache": True}
+
+    def submit_cached(tenant_id, **changes):
+        row, created = lifecycle.submit(app, tenant_id=tenant_id, model="m", strategy="round_robin",
+                                        request={**request, **changes}, metadata={}, max_attempts=2)
+        assert created
+        return row
+
+    first = submit_cached(app_tenant.id)
+    assert first["status"] == "queued" and len(route_args(app)) == 1  # a miss runs
+    app.redis.sadd(registry.assigned_key(NODE), registry.member(first["id"], 1))
+    lifecycle.route(app, first["id"], 1, NODE)
+    [started] = lifecycle.start(app, [(str(first["id"]), 1)], NODE)
+    answer = {"text": " 4", "finish_reason": "stop", "usage": {"prompt_tokens": 6, "completion_tokens": 1}}
+    assert lifecycle.finish(app, started, NODE, result=answer)
+
+    hit = submit_cached(app_tenant.id)
+    assert hit["status"] == "succeeded" and hit["finished_at"] is not None and hit["node_id"] is None
+    assert hit["result"] == {**answer, "cached": {"job_id": str(first["id"])}}
+    assert len(route_args(app)) == 1  # nothing published for the hit
+    for other in (submit_cached(app_tenant.id, max_tokens=9), submit_cached(app_tenant.id, prompt="What is 3 + 3?"),
+                  submit_cached(tenants.create_tenant(app.db, "someone-else")[0].id)):
+        assert other["status"] == "queued" and other["result"] is None
