@@ -162,12 +162,47 @@ def submit():
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
                        "different request body; send the same body to get that job back, or use a new key",
                        errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}]) from None
+    waited = _prefer_wait()
+    if waited:
+        row = _wait_until_finished(row, waited)
     response = jsonify(job_resource(row))
-    response.status_code = 202 if created else 200
+    response.status_code = 200 if not created or (waited and JobStatus(row["status"]).is_terminal) else 202
     response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
+    if waited:
+        response.headers["Preference-Applied"] = f"wait={waited:g}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def _prefer_wait() -> float:
+    """`Prefer: wait=N` (RFC 7240) on a submit: wait up to N seconds (at most the long-poll maximum)
+    for the job to finish. A malformed preference is ignored, as the RFC asks."""
+    for preference in request.headers.get("Prefer", "").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return 0.0
+            return min(max(seconds, 0.0), _services().settings.long_poll_max_seconds)
+    return 0.0
+
+
+def _wait_until_finished(row: dict, wait: float) -> dict:
+    """The job as it is once it has finished, or after `wait` seconds, whichever comes first. Holds
+    one of the tenant's wait slots meanwhile (429 beyond them), and no thread (gevent)."""
+    if JobStatus(row["status"]).is_terminal:
+        return row
+    job_id = row["id"]
+    deadline = time.monotonic() + wait
+    with _services().wait_slots.hold(g.tenant.id, wait), _services().waiter.watch(str(job_id)) as finished:
+        row = load_job(job_id)
+        while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
+            finished.wait(left)
+            finished.clear()
+            row = load_job(job_id)
+    return row
 
 
 def _wait_seconds() -> float:
@@ -194,14 +229,8 @@ def load_job(job_id: uuid.UUID) -> dict:
 def get(job_id: uuid.UUID):
     wait = _wait_seconds()
     row = load_job(job_id)
-    if wait and not JobStatus(row["status"]).is_terminal:
-        deadline = time.monotonic() + wait
-        with _services().wait_slots.hold(g.tenant.id, wait), _services().waiter.watch(str(job_id)) as finished:
-            row = load_job(job_id)
-            while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
-                finished.wait(left)
-                finished.clear()
-                row = load_job(job_id)
+    if wait:
+        row = _wait_until_finished(row, wait)
     return jsonify(job_resource(row))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 from tasks.jobs import notify, store, tenants
 from tasks.jobs.status import JobStatus
@@ -114,3 +115,48 @@ def test_healthz_is_up_and_readyz_needs_a_worker(client, api_redis):
     assert ready.status_code == 503
     checks = ready.get_json()["checks"]
     assert checks["redis"] == "ok" and checks["postgres"] == "ok" and checks["workers"] == "no live worker"
+
+
+def test_prefer_wait_answers_a_submit_with_the_finished_job(client, api_redis, db, tenant):
+    """`Prefer: wait=N` on POST /v1/jobs: 200 with the finished job when it ends within N seconds,
+    otherwise 202 with the job as it is, as without the header; a malformed preference is ignored."""
+    _, key = tenant
+    finishing: list = []
+    prompt = f"prefer {uuid.uuid4()}"
+
+    def finish_when_submitted():
+        job_id = _wait_for_queued_job(db, prompt)
+        time.sleep(0.5)
+        assert store.mark_routed(db, job_id, 1, "n1") and store.start_jobs(db, [(job_id, 1)], "n1")
+        assert store.finish_job(db, job_id, 1, JobStatus.SUCCEEDED, node_id="n1", result={"text": "ok"})
+        notify.job_finished(api_redis, job_id)
+        finishing.append(job_id)
+
+    worker = threading.Thread(target=finish_when_submitted)
+    worker.start()
+    started = time.monotonic()
+    response = client.post("/v1/jobs", json={"prompt": prompt, "max_tokens": 4},
+                           headers={**auth(key), "Prefer": "wait=20"})
+    worker.join()
+    assert response.status_code == 200 and response.get_json()["status"] == "succeeded"
+    assert response.headers["Preference-Applied"] == "wait=20" and response.headers["Location"]
+    assert 0.4 < time.monotonic() - started < 3
+
+    started = time.monotonic()
+    slow = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers={**auth(key), "Prefer": "wait=1"})
+    assert slow.status_code == 202 and slow.get_json()["status"] == "queued"
+    assert 0.9 < time.monotonic() - started < 3
+    odd = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers={**auth(key), "Prefer": "wait=soon"})
+    assert odd.status_code == 202 and "Preference-Applied" not in odd.headers
+
+
+def _wait_for_queued_job(db, prompt: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.connection() as conn:
+            row = conn.execute("SELECT id FROM jobs WHERE status = 'queued' AND request ->> 'prompt' = %s",
+                               (prompt,)).fetchone()
+        if row:
+            return row["id"]
+        time.sleep(0.05)
+    raise AssertionError("no job was submitted")
