@@ -149,6 +149,7 @@ def submit():
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     session_id = job.routing.session_id if job.routing else None
     max_attempts = job.max_attempts or settings.max_attempts
+    cancel_after = _cancel_after()
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
@@ -157,7 +158,7 @@ def submit():
             metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
             affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,
-            webhook=job.webhook.model_dump() if job.webhook else None)
+            webhook=job.webhook.model_dump() if job.webhook else None, cancel_after=cancel_after)
     except store.IdempotencyConflict as exc:
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
                        "different request body; send the same body to get that job back, or use a new key",
@@ -173,6 +174,24 @@ def submit():
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+CANCEL_AFTER_MAX = 7 * 86400
+
+
+def _cancel_after() -> float | None:
+    """`Cancel-After: N`: the job is cancelled if it has not finished N seconds after it was submitted."""
+    raw = request.headers.get("Cancel-After")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= CANCEL_AFTER_MAX:
+        raise ApiError(400, "Invalid Cancel-After", f"`Cancel-After` must be a number of seconds above 0 and at most "
+                       f"{CANCEL_AFTER_MAX} (7 days), got {raw!r}")
+    return seconds
 
 
 def _prefer_wait() -> float:

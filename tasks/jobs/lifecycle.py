@@ -208,11 +208,11 @@ def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay:
     return row["status"]
 
 
-def cancel(app, job_id, tenant_id) -> dict | None:
-    """queued|routed|running → cancelled by the client; a running generation is aborted by its node.
-    Returns the cancelled row, or None when the job is missing or already finished."""
-    row = store.cancel_job(app.db, job_id, tenant_id,
-                           JobError(ErrorKind.CANCELLED, "cancelled by the client").as_json())
+def cancel(app, job_id, tenant_id, reason: str = "cancelled by the client") -> dict | None:
+    """queued|routed|running → cancelled by the client (or by its Cancel-After deadline, which the
+    reconciler enforces); a running generation is aborted by its node. Returns the cancelled row, or
+    None when the job is missing or already finished."""
+    row = store.cancel_job(app.db, job_id, tenant_id, JobError(ErrorKind.CANCELLED, reason).as_json())
     if row is None:
         return None
     _best_effort("asking the node to abort", lambda: notify.cancel_requested(app.redis, job_id))

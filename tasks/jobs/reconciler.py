@@ -15,6 +15,8 @@ about live nodes and messages):
 - queued long after it was due (settings.redispatch_after): its route message was lost, or the API
   crashed between the commit and the publish; the job is published again.
 
+- past the Cancel-After deadline its client gave at submit: cancelled, like a client's cancel.
+
 It does the same for RAG documents whose ingestion stalled (an ingest worker that died mid-document, a
 lost message): tasks/ingest/recovery.py.
 
@@ -109,7 +111,7 @@ class Reconciler:
         s, redis, pool = self.settings, self.app.redis, self.app.db
         self.sweeps += 1
         counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "dead": 0,
-                  "resent": 0, "republished": 0, "documents_resent": 0}
+                  "resent": 0, "republished": 0, "documents_resent": 0, "deadline_cancelled": 0}
         nodes = registry.live_nodes(redis)
         live = {n["id"] for n in nodes}
 
@@ -133,6 +135,11 @@ class Reconciler:
             self._still_mine()
             lifecycle.redispatch(self.app, job)
             counts["republished"] += 1
+
+        for job in stranded.past_their_deadline(pool):
+            self._still_mine()
+            if lifecycle.cancel(self.app, job["id"], job["tenant_id"], reason="its Cancel-After deadline passed"):
+                counts["deadline_cancelled"] += 1
 
         if time.monotonic() >= self._next_document_check:
             self._next_document_check = time.monotonic() + min(s.ingest_stall_after / 3, 60)

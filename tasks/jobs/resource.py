@@ -25,6 +25,7 @@ def job_resource(row: dict) -> dict:
         "retrieval_started_at": timestamp(row.get("retrieval_started_at")),
         "retrieved_at": timestamp(row.get("retrieved_at")),
         "finished_at": timestamp(row["finished_at"]),
+        "cancel_at": timestamp(row.get("cancel_at")),
         "request": row["request"],
         "metadata": row["metadata"],
         "webhook": row.get("webhook"),

@@ -36,7 +36,8 @@ class IdempotencyConflict(Exception):
 def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
                max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
                idempotency: tuple[str, bytes, int] | None = None,
-               webhook: dict | None = None, cached_result: dict | None = None) -> tuple[dict, bool]:
+               webhook: dict | None = None, cached_result: dict | None = None,
+               cancel_after: float | None = None) -> tuple[dict, bool]:
     """Insert a queued job; returns (row, created). With `cached_result` (a result-cache hit), the job
     is moved on to `succeeded` with it in the same transaction (an update, so the webhook trigger
     sees the transition like any other).
@@ -52,10 +53,11 @@ def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, re
         with nullcontext() if single else conn.transaction():
             row = conn.execute(
                 """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata,
-                                     max_attempts, session_id, affinity_key, webhook)
-                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
+                                     max_attempts, session_id, affinity_key, webhook, cancel_at)
+                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s,
+                           now() + make_interval(secs => %s::float8)) RETURNING *""",
                 (job_id, tenant_id, model, strategy, Jsonb(request), Jsonb(metadata), max_attempts,
-                 session_id, affinity_key, Jsonb(webhook) if webhook is not None else None),
+                 session_id, affinity_key, Jsonb(webhook) if webhook is not None else None, cancel_after),
             ).fetchone()
             if cached_result is not None:
                 row = conn.execute(

@@ -73,3 +73,12 @@ def routed_longer_than(pool: ConnectionPool, seconds: float) -> list[dict]:
                 ORDER BY routed_at""",
             (seconds,),
         ).fetchall()
+
+
+def past_their_deadline(pool: ConnectionPool, limit: int = 500) -> list[dict]:
+    """Active jobs whose client's Cancel-After deadline has passed."""
+    with pool.connection() as conn:
+        return conn.execute(
+            """SELECT id, tenant_id FROM jobs
+                WHERE cancel_at < now() AND cancel_at IS NOT NULL AND status IN ('queued', 'routed', 'running')
+                ORDER BY cancel_at LIMIT %s""", (limit,)).fetchall()

@@ -140,3 +140,19 @@ def test_method_not_allowed_keeps_the_allow_header(client):
     response = client.delete("/v1/jobs")
     assert response.status_code == 405 and "POST" in response.headers["Allow"]
     assert response.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1e9"])
+def test_a_bad_cancel_after_is_refused_with_nothing_written(client, api_redis, db, tenant, value):
+    t, key = tenant
+    response = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4},
+                           headers={**auth(key), "Cancel-After": value})
+    assert response.status_code == 400 and "Cancel-After" in response.get_json()["detail"]
+    assert job_count(db, t.id) == 0 and queued_messages(api_redis) == 0
+
+
+def test_cancel_after_sets_the_jobs_deadline(client, api_redis, tenant):
+    _, key = tenant
+    response = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers={**auth(key), "Cancel-After": "90"})
+    job = response.get_json()
+    assert response.status_code == 202 and job["cancel_at"] > job["created_at"]

@@ -152,3 +152,16 @@ def test_a_long_sweep_keeps_the_lock(app):
     spans = [tuple(map(float, s.decode().split()[1:])) for s in app.redis.lrange(SWEEPS_KEY, 0, -1)]
     spans.sort()
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
+
+
+def test_a_job_past_its_cancel_after_deadline_is_cancelled(app, app_tenant):
+    late, _ = lifecycle.submit(app, tenant_id=app_tenant.id, model="m", strategy="round_robin",
+                               request={"prompt": "x", "max_tokens": 4}, metadata={}, max_attempts=3, cancel_after=0.2)
+    in_time, _ = lifecycle.submit(app, tenant_id=app_tenant.id, model="m", strategy="round_robin",
+                                  request={"prompt": "x", "max_tokens": 4}, metadata={}, max_attempts=3,
+                                  cancel_after=600)
+    time.sleep(0.3)
+    assert Reconciler(app).sweep()["deadline_cancelled"] == 1
+    cancelled = row(app, late)
+    assert cancelled["status"] == "cancelled" and "Cancel-After" in cancelled["error"]["message"]
+    assert row(app, in_time)["status"] == "queued"

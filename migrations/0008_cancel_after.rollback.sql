@@ -1,0 +1,2 @@
+DROP INDEX jobs_cancel_at;
+ALTER TABLE jobs DROP COLUMN cancel_at;
