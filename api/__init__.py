@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
     from api.nodes import bp as nodes_bp
+    from api.openai import bp as openai_bp
     from api.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env().require_urls()
@@ -115,4 +116,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhooks_bp)
     app.register_blueprint(collections_bp)
     app.register_blueprint(documents_bp)
+    app.register_blueprint(openai_bp)
     return app

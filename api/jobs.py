@@ -132,10 +132,27 @@ def _idempotency(body: dict) -> tuple[str, bytes, int] | None:
 
 @bp.post("")
 def submit():
+    body = _parse_body()
+    row, created = submit_job(body, _idempotency(body), _cancel_after())
+    waited = _prefer_wait()
+    if waited:
+        row = wait_until_finished(row, waited)
+    response = jsonify(job_resource(row))
+    response.status_code = 200 if not created or (waited and JobStatus(row["status"]).is_terminal) else 202
+    response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
+    if waited:
+        response.headers["Preference-Applied"] = f"wait={waited:g}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
+               cancel_after: float | None = None) -> tuple[dict, bool]:
+    """Validate a job request (a JobRequest body) for the caller's tenant and submit it: (row, created).
+    Every refusal is an ApiError or a ValidationError (a 4xx), raised before anything is stored."""
     services = _services()
     settings = services.settings
-    body = _parse_body()
-    idempotency = _idempotency(body)
     job = JobRequest.model_validate(body, context={
         "max_tokens_limit": settings.max_tokens_limit, "strategies": STRATEGIES,
         "webhook_allow": settings.webhook_allow})
@@ -149,7 +166,6 @@ def submit():
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     session_id = job.routing.session_id if job.routing else None
     max_attempts = job.max_attempts or settings.max_attempts
-    cancel_after = _cancel_after()
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
@@ -163,17 +179,7 @@ def submit():
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
                        "different request body; send the same body to get that job back, or use a new key",
                        errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}]) from None
-    waited = _prefer_wait()
-    if waited:
-        row = _wait_until_finished(row, waited)
-    response = jsonify(job_resource(row))
-    response.status_code = 200 if not created or (waited and JobStatus(row["status"]).is_terminal) else 202
-    response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
-    if waited:
-        response.headers["Preference-Applied"] = f"wait={waited:g}"
-    if not created:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return row, created
 
 
 CANCEL_AFTER_MAX = 7 * 86400
@@ -208,7 +214,7 @@ def _prefer_wait() -> float:
     return 0.0
 
 
-def _wait_until_finished(row: dict, wait: float) -> dict:
+def wait_until_finished(row: dict, wait: float) -> dict:
     """The job as it is once it has finished, or after `wait` seconds, whichever comes first. Holds
     one of the tenant's wait slots meanwhile (429 beyond them), and no thread (gevent)."""
     if JobStatus(row["status"]).is_terminal:
@@ -249,7 +255,7 @@ def get(job_id: uuid.UUID):
     wait = _wait_seconds()
     row = load_job(job_id)
     if wait:
-        row = _wait_until_finished(row, wait)
+        row = wait_until_finished(row, wait)
     return jsonify(job_resource(row))
 
 

@@ -1,0 +1,214 @@
+"""OpenAI-compatible endpoints over jobs: `POST /v1/chat/completions`, `POST /v1/completions` and
+`GET /v1/models`, so code written against the official `openai` client runs on Switchyard unmodified.
+
+Each completion is a job like any other (submitted through api.jobs.submit_job: the same validation,
+routing, retries, failover, dead letters and job record), and the request waits for it to finish, as
+a parked greenlet (no thread). The job id comes back in `X-Switchyard-Job-Id` (and `Location`), so the
+job can still be read, or its webhook awaited, the Switchyard way. Errors are OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the status codes the client maps to its error
+types (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError, ...).
+
+Not yet: `stream: true` (400), `n` > 1 (400), and sampling options the engine path does not carry
+(logprobs, penalties, tools, response_format: 400 naming the parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flask import Blueprint, current_app, g, jsonify, request, url_for
+from pydantic import ValidationError
+
+from api.auth import authenticate
+from api.errors import ApiError, validation_errors
+from api.jobs import submit_job, wait_until_finished
+from tasks.jobs.status import JobStatus
+from tasks.routing import registry
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+bp.before_request(authenticate)
+
+#: how long a completion request waits for its job (the openai client's own default timeout is 600 s)
+COMPLETION_WAIT = 600.0
+
+_CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+                "n", "stream", "user", "metadata"}
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@bp.errorhandler(OpenAIError)
+def _openai_error(exc: OpenAIError):
+    return _error(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError):
+    field = (exc.extra.get("errors") or [{}])[0].get("field")
+    if exc.title == "Unknown model":
+        return _error(404, exc.detail, "model", "model_not_found")
+    return _error(400 if exc.status == 422 else exc.status, exc.detail, field, None, exc.headers)
+
+
+@bp.errorhandler(ValidationError)
+def _invalid(exc: ValidationError):
+    errors = validation_errors(exc)
+    return _error(400, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors[0]["field"] if errors else None)
+
+
+def _services():
+    return current_app.extensions["switchyard"]
+
+
+def _body(allowed: set[str]) -> dict:
+    try:
+        body = json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    for name, value in body.items():
+        if name not in allowed and value is not None:
+            raise OpenAIError(400, f"`{name}` is not supported by this server; remove it", name, "unsupported_parameter")
+    if body.get("stream"):
+        raise OpenAIError(400, "streaming is not available yet; leave `stream` unset (or false)", "stream",
+                          "unsupported_parameter")
+    if body.get("n") not in (None, 1):
+        raise OpenAIError(400, "only n = 1 is supported", "n", "unsupported_parameter")
+    if not body.get("model"):
+        raise OpenAIError(400, "`model` is required; GET /v1/models lists the models served", "model")
+    return body
+
+
+def _job_body(body: dict, **inputs) -> dict:
+    """The JobRequest body for an OpenAI request's common fields."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    job = {"model": body["model"], **inputs, "max_tokens": max_tokens, "temperature": body.get("temperature"),
+           "top_p": body.get("top_p"), "stop": body.get("stop"), "seed": body.get("seed"),
+           "metadata": {k: v for k, v in (body.get("metadata") or {}).items()}}
+    if body.get("user"):
+        job["metadata"]["user"] = body["user"]
+    return {k: v for k, v in job.items() if v is not None}
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise OpenAIError(400, "only text content parts are supported", f"messages[{i}].content")
+            texts.append(part.get("text", ""))
+        return "".join(texts)
+    return content
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError(400, "`messages` must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise OpenAIError(400, "each message must be an object with `role` and `content`", f"messages[{i}]")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise OpenAIError(400, f"role {m.get('role')!r} is not supported (system, developer, user, assistant)",
+                              f"messages[{i}].role")
+        out.append({"role": role, "content": _content(m, i)})
+    return out
+
+
+def _run(job_body: dict) -> dict:
+    """Submit the job and wait for it; the finished row, or an OpenAIError saying why not."""
+    row, _ = submit_job(job_body)
+    g.job_id = str(row["id"])
+    row = wait_until_finished(row, COMPLETION_WAIT)
+    status = JobStatus(row["status"])
+    headers = {"X-Switchyard-Job-Id": g.job_id, "Location": url_for("jobs.get", job_id=row["id"])}
+    if status is JobStatus.SUCCEEDED:
+        return row
+    if not status.is_terminal:
+        raise OpenAIError(504, f"job {g.job_id} has not finished after {COMPLETION_WAIT:.0f} s; it goes on: "
+                          f"GET /v1/jobs/{g.job_id}", code="timeout", headers=headers)
+    error = row["error"] or {}
+    if error.get("type") == "invalid_request":
+        raise OpenAIError(400, error.get("message", "invalid request"), headers=headers)
+    if status is JobStatus.CANCELLED:
+        raise OpenAIError(409, f"job {g.job_id} was cancelled: {error.get('message')}", code="cancelled",
+                          headers=headers)
+    raise OpenAIError(500, f"job {g.job_id} {status.value}: {error.get('message')}", code=error.get("type"),
+                      headers=headers)
+
+
+def _answer(payload: dict, row: dict):
+    response = jsonify(payload)
+    response.headers["X-Switchyard-Job-Id"] = str(row["id"])
+    response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
+    return response
+
+
+def _usage(result: dict) -> dict:
+    usage = result.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    body = _body(_CHAT_FIELDS)
+    row = _run(_job_body(body, messages=_messages(body)))
+    result = row["result"]
+    return _answer({
+        "id": f"chatcmpl-{row['id']}", "object": "chat.completion", "created": int(row["created_at"].timestamp()),
+        "model": row["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                     "finish_reason": result.get("finish_reason"), "logprobs": None}],
+        "usage": _usage(result)}, row)
+
+
+@bp.post("/completions")
+def completions():
+    body = _body(_COMPLETION_FIELDS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise OpenAIError(400, "`prompt` must be a string (one prompt per request)", "prompt")
+    job = _job_body(body, prompt=prompt)
+    job.setdefault("max_tokens", 16)  # OpenAI's default for completions
+    row = _run(job)
+    result = row["result"]
+    return _answer({
+        "id": f"cmpl-{row['id']}", "object": "text_completion", "created": int(row["created_at"].timestamp()),
+        "model": row["model"],
+        "choices": [{"index": 0, "text": result["text"], "finish_reason": result.get("finish_reason"),
+                     "logprobs": None}],
+        "usage": _usage(result)}, row)
+
+
+@bp.get("/models")
+def models():
+    settings = _services().settings
+    names = sorted(registry.known_models(_services().redis) | {settings.model_name})
+    now = int(time.time())
+    return jsonify({"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "switchyard"}
+                                               for n in names]})
