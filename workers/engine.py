@@ -149,10 +149,13 @@ class VllmEngine:
     async def _generate(self, engine, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            params = SamplingParams(**sampling)
+            # FINAL_ONLY, as vLLM's own server does for a request that is not streamed: no output object
+            # (and no detokenized text so far) is built for the intermediate steps nobody reads.
+            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
         except (ValueError, TypeError) as exc:
             raise RequestRejected(f"invalid sampling parameters: {exc}") from None
         final = None
