@@ -35,7 +35,7 @@ class Stack(ProcessGroup):
         def ready() -> bool:
             try:
                 return requests.get(f"{self.api}/readyz", timeout=5).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still loading (a read timeout)
                 return False
 
         self.wait_until(ready, timeout, f"the stack's {self.api}/readyz", show=["worker"], interval=0.5)
