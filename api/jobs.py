@@ -173,7 +173,7 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
                      **({"cache": True} if job.cache else {})},
             metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,
-            affinity_key=affinity_key(session_id, request_dict), idempotency=idempotency,
+            affinity_key=affinity_key(g.tenant.id, session_id, request_dict), idempotency=idempotency,
             webhook=job.webhook.model_dump() if job.webhook else None, cancel_after=cancel_after)
     except store.IdempotencyConflict as exc:
         raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "

@@ -12,14 +12,21 @@ bp = Blueprint("nodes", __name__, url_prefix="/v1/nodes")
 bp.before_request(authenticate)
 
 
-def _node_resource(node: dict) -> dict:
-    return {"object": "node", **node, "routable": registry.routable(node)}
+#: what a tenant without an admin key sees of a node: what it serves and can do, not its load or host
+_PUBLIC_FIELDS = ("id", "models", "supports_seed")
+
+
+def _node_resource(node: dict, *, full: bool = True) -> dict:
+    shown = node if full else {k: node.get(k) for k in _PUBLIC_FIELDS}
+    return {"object": "node", **shown, "routable": registry.routable(node)}
 
 
 @bp.get("")
 def list_():
+    """Every live node; in full (load, latencies, cooldowns, drain state) for admin keys only."""
     redis = current_app.extensions["switchyard"].redis
-    return jsonify(object="list", data=[_node_resource(n) for n in registry.live_nodes(redis)])
+    full = g.tenant.is_admin
+    return jsonify(object="list", data=[_node_resource(n, full=full) for n in registry.live_nodes(redis)])
 
 
 def _drain(node_id: str, draining: bool):

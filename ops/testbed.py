@@ -124,7 +124,7 @@ class Cluster(ProcessGroup):
                        "temperature": 0, "max_attempts": max_attempts}
             row, _ = lifecycle.submit(self.celery, tenant_id=tenant_id, model=self.settings.model_name,
                                       strategy=strategy, request=request, metadata={}, max_attempts=max_attempts,
-                                      session_id=session_id, affinity_key=affinity_key(session_id, request))
+                                      session_id=session_id, affinity_key=affinity_key(tenant_id, session_id, request))
             ids.append(str(row["id"]))
         return ids
 

@@ -135,18 +135,21 @@ class VllmEngine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
-        """Start one generation; returns its future and the engine generation it runs on."""
+    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict, *,
+               cache_salt: str | None = None) -> tuple[Future, int]:
+        """Start one generation; returns its future and the engine generation it runs on. Requests with
+        different `cache_salt`s share no prefix-cache blocks."""
         generation = self._generation
         engine = self._engine
         if engine is None:
             future: Future = Future()
             future.set_exception(EngineDead("the engine is restarting"))
             return future, generation
-        return asyncio.run_coroutine_threadsafe(self._generate(engine, request_id, prompt_ids, sampling),
+        return asyncio.run_coroutine_threadsafe(self._generate(engine, request_id, prompt_ids, sampling, cache_salt),
                                                 self._loop), generation
 
-    async def _generate(self, engine, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
+    async def _generate(self, engine, request_id: str, prompt_ids: list[int], sampling: dict,
+                        cache_salt: str | None = None) -> Completion:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -160,7 +163,8 @@ class VllmEngine:
             raise RequestRejected(f"invalid sampling parameters: {exc}") from None
         final = None
         try:
-            async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            prompt = TokensPrompt(prompt_token_ids=prompt_ids, **({"cache_salt": cache_salt} if cache_salt else {}))
+            async for output in engine.generate(prompt, params, request_id):
                 final = output
         except EngineDeadError as exc:
             raise EngineDead(f"the engine core died: {exc}") from None

@@ -61,7 +61,8 @@ class SimulatedEngine:
         self.state = "stopped"
         self._loop.call_soon_threadsafe(self._loop.stop)
 
-    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict) -> tuple[Future, int]:
+    def submit(self, request_id: str, prompt_ids: list[int], sampling: dict, *,
+               cache_salt: str | None = None) -> tuple[Future, int]:
         future: Future = Future()
 
         def schedule():

@@ -58,12 +58,13 @@ return 0
 """
 
 
-def affinity_key(session_id: str | None, request: dict) -> str:
-    """What prefix affinity hashes: the session, else the first PREFIX_CHARS of the prompt."""
+def affinity_key(tenant_id, session_id: str | None, request: dict) -> str:
+    """What prefix affinity hashes: the tenant's session, else the first PREFIX_CHARS of the prompt,
+    within the tenant (one tenant's keys never steer, or reveal, another's placement)."""
     if session_id:
-        return f"s:{session_id}"
+        return f"{tenant_id}:s:{session_id}"
     text = request.get("prompt") or json.dumps(request.get("messages") or [], ensure_ascii=False)
-    return "p:" + hashlib.blake2b(text[:PREFIX_CHARS].encode(), digest_size=12).hexdigest()
+    return f"{tenant_id}:p:" + hashlib.blake2b(text[:PREFIX_CHARS].encode(), digest_size=12).hexdigest()
 
 
 def _hash(value: str) -> int:

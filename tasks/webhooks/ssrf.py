@@ -9,6 +9,7 @@ cannot redirect the request to an internal address.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 
 MAX_URL_LENGTH = 2048
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+log = logging.getLogger(__name__)
 
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
@@ -31,6 +34,7 @@ _FORBIDDEN = (
     ("is_multicast", "a multicast"),
     ("is_reserved", "a reserved"),
     ("is_private", "a private"),
+    ("is_site_local", "a site-local"),  # IPv6 fec0::/10: deprecated, and `is_global` in Python's eyes
 )
 
 
@@ -98,7 +102,7 @@ def forbidden_reason(address: IPAddress) -> str | None:
         if embedded is not None and forbidden_reason(embedded):
             return f"a tunnelling IPv6 (embedding {embedded})"
     for attribute, name in _FORBIDDEN:
-        if getattr(address, attribute):
+        if getattr(address, attribute, False):
             return name
     if not address.is_global:  # e.g. shared address space 100.64.0.0/10
         return "a non-public"
@@ -168,9 +172,12 @@ def check_url(url: str, allow: AllowList = AllowList()) -> Target:
         if allow.permits(host, address, port):
             continue
         reason = forbidden_reason(address)
-        if reason:
-            shown = host if host == str(address) else f"{host} ({address})"
-            raise UnsafeURL(f"{shown} is {reason} address; webhooks are only sent to public addresses, "
+        if reason and host == str(address):  # the client wrote the address itself: say what it is
+            raise UnsafeURL(f"{host} is {reason} address; webhooks are only sent to public addresses, "
                             "give a publicly reachable URL")
+        if reason:  # what a name resolves to stays in the server's log: no map of internal addresses
+            log.warning("webhook URL refused: %r resolves to %s (%s address)", host, address, reason)
+            raise UnsafeURL(f"host {host!r} does not resolve to a public address; webhooks are only sent to public "
+                            "addresses, give a publicly reachable URL")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(scheme, host, port, str(addresses[0]), path)

@@ -65,7 +65,8 @@ def deliver(pool, settings: Settings, delivery_id: str, attempt: int) -> str:
     if response.status_code == 410:  # after recording this attempt: disabling dead-letters what still waits
         store.disable_endpoint(pool, delivery["tenant_id"], delivery["url"],
                                f"410 Gone from the receiver at attempt {attempt} of delivery {delivery_id}")
-    log.info("webhook %s attempt %d → %s (%s)", delivery_id, attempt, status, response.status_code or error)
+    # %r: a receiver's answer is quoted and escaped, never written raw (no forged log lines)
+    log.info("webhook %s attempt %d → %s (%r)", delivery_id, attempt, status, response.status_code or error)
     return status
 
 

@@ -160,3 +160,14 @@ def _wait_for_queued_job(db, prompt: str, timeout: float = 10) -> str:
             return row["id"]
         time.sleep(0.05)
     raise AssertionError("no job was submitted")
+
+
+def test_readyz_says_what_is_down_without_the_exception_text(base_settings):
+    from api import create_app
+
+    down = base_settings.model_copy(update={"database_url": "postgresql://nobody@127.0.0.1:1/none",
+                                            "redis_url": "redis://127.0.0.1:1/0"})
+    ready = create_app(down).test_client().get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"] == {"redis": "unreachable", "workers": "unknown (redis unreachable)",
+                                          "postgres": "unreachable"}

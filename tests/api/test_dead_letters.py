@@ -67,13 +67,16 @@ def test_dead_letters_are_listed_per_tenant_and_replayed(client, api_redis, db, 
     assert client.post(f"/v1/dead-letters/{mine[0]['id']}/replay", headers=auth(key)).status_code == 404
 
 
-def test_nodes_are_listed_and_drained_by_admins_only(client, api_redis, db, tenant):
+def test_nodes_are_shown_in_full_and_drained_by_admins_only(client, api_redis, db, tenant):
     t, key = tenant
     admin_key = tenants.create_tenant(db, "ops-" + t.name, admin=True)[1]
     registry.heartbeat(api_redis, {"id": "gpu-7", "models": ["m"], "engine_state": "ready", "inflight": 2,
                                    "ewma_job_seconds": 1.5}, ttl=30)
     nodes = {n["id"]: n for n in client.get("/v1/nodes", headers=auth(key)).get_json()["data"]}
-    assert nodes["gpu-7"]["routable"] and nodes["gpu-7"]["inflight"] == 2 and nodes["gpu-7"]["ewma_job_seconds"] == 1.5
+    # A tenant sees what a node serves, not its load, latencies or host: those are for admins.
+    assert nodes["gpu-7"] == {"object": "node", "id": "gpu-7", "models": ["m"], "supports_seed": None, "routable": True}
+    full = {n["id"]: n for n in client.get("/v1/nodes", headers=auth(admin_key)).get_json()["data"]}
+    assert full["gpu-7"]["inflight"] == 2 and full["gpu-7"]["ewma_job_seconds"] == 1.5
 
     assert client.post("/v1/nodes/gpu-7/drain", headers=auth(key)).status_code == 403
     assert client.post("/v1/nodes/nope/drain", headers=auth(admin_key)).status_code == 404

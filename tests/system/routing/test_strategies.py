@@ -192,7 +192,7 @@ def test_weighted_response_time_favours_the_faster_node(make_cluster):
 # --- prefix affinity --------------------------------------------------------------------------------
 
 
-def sessions_homed_evenly(per_node: int = 8) -> list[str]:
+def sessions_homed_evenly(tenant_id, per_node: int = 8) -> list[str]:
     """Session ids whose home (first node on the hash ring) is each node `per_node` times.
 
     With 3 nodes x 64 points the ring is not even: session-0..23 would have 13, 9 and 2 sessions at
@@ -203,7 +203,7 @@ def sessions_homed_evenly(per_node: int = 8) -> list[str]:
     i = 0
     while any(len(p) < per_node for p in picked.values()):
         session = f"session-{i}"
-        home = ring_order(tuple(NODES), affinity_key(session, {}))[0]
+        home = ring_order(tuple(NODES), affinity_key(tenant_id, session, {}))[0]
         if len(picked[home]) < per_node:
             picked[home].append(session)
         i += 1
@@ -229,7 +229,8 @@ def prefix_affinity_workload(make_cluster, strategy: str) -> None:
             setup_holds(row["status"] == "succeeded", f"{session} turn {turn}: {row['status']}")
             homes[session].append(row["node_id"])
 
-    run_in_threads([lambda s=session: converse(s) for session in sessions_homed_evenly()], timeout=300)
+    sessions = sessions_homed_evenly(cluster.tenant.id)
+    run_in_threads([lambda s=session: converse(s) for session in sessions], timeout=300)
     assert len(homes) == 24 and all(len(nodes) == 8 for nodes in homes.values()), \
         {s: len(nodes) for s, nodes in homes.items()}
     shares = [Counter(nodes).most_common(1)[0][1] / len(nodes) for nodes in homes.values()]

@@ -48,7 +48,7 @@ def test_weighted_response_time_follows_measured_speed(clean_redis):
 
 def test_prefix_affinity_is_sticky_until_the_load_bound(clean_redis):
     # Different sessions spread over the ring; one session's jobs all hash to one node.
-    homes = {ring_order(("n1", "n2", "n3"), affinity_key(f"s{i}", {}))[0] for i in range(50)}
+    homes = {ring_order(("n1", "n2", "n3"), affinity_key("t", f"s{i}", {}))[0] for i in range(50)}
     assert homes == {"n1", "n2", "n3"}
     one = pick_many(clean_redis, "prefix_affinity", 6, key=lambda i: "s:hot")
     assert len(one) == 1  # light load: all on the home node
@@ -56,7 +56,8 @@ def test_prefix_affinity_is_sticky_until_the_load_bound(clean_redis):
     assert len(many) == 3  # past c × average, the ring's next nodes take the overflow
 
 
-def test_affinity_key_uses_the_session_else_the_prompt_prefix():
-    assert affinity_key("abc", {"prompt": "x"}) == "s:abc"
-    same = affinity_key(None, {"prompt": "A" * 300 + "tail one"})
-    assert same == affinity_key(None, {"prompt": "A" * 300 + "tail two"}) != affinity_key(None, {"prompt": "B"})
+def test_affinity_key_uses_the_session_else_the_prompt_prefix_within_the_tenant():
+    assert affinity_key("t1", "abc", {"prompt": "x"}) == "t1:s:abc" != affinity_key("t2", "abc", {"prompt": "x"})
+    same = affinity_key("t1", None, {"prompt": "A" * 300 + "tail one"})
+    assert same == affinity_key("t1", None, {"prompt": "A" * 300 + "tail two"})
+    assert same != affinity_key("t1", None, {"prompt": "B"}) and same != affinity_key("t2", None, {"prompt": "A" * 300})

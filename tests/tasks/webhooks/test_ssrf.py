@@ -74,3 +74,15 @@ def test_settings_parse_and_check_the_allow_list_and_schedule(monkeypatch):
         Settings(webhook_allow=("not an entry",))
     with pytest.raises(ValidationError, match="positive"):
         Settings(webhook_retry_schedule=(1, 0))
+
+
+def test_a_name_that_resolves_inside_is_refused_without_naming_the_address():
+    with pytest.raises(UnsafeURL) as refused:
+        check_url("http://localhost:8080/hook")
+    assert "does not resolve to a public address" in str(refused.value)
+    assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)
+
+
+def test_site_local_ipv6_is_refused():
+    with pytest.raises(UnsafeURL, match="site-local"):
+        check_url("http://[fec0::1]/")
