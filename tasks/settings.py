@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     # non-public address. e.g. "127.0.0.1:9000" for a local receiver.
     webhook_allow: Annotated[tuple[str, ...], NoDecode] = ()
     webhook_timeout: float = Field(10.0, gt=0)  # connect, and each read of the answer
+    webhook_attempt_deadline: float = Field(30.0, gt=0)  # the whole attempt, however the receiver trickles
     # Seconds before each retry (attempt 2, 3, ...): x4 each time, capped at 12 h; 9 attempts over ~27 h.
     webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = (10, 40, 160, 640, 2560, 10240, 40960,
                                                                      43200)
@@ -180,6 +181,9 @@ class Settings(BaseSettings):
             raise ValueError(f"default_strategy must be one of {ROUTING_STRATEGIES}")
         if self.chunk_overlap * 2 >= self.chunk_tokens:
             raise ValueError("chunk_overlap must be under half of chunk_tokens")
+        if self.webhook_dispatch_lease <= 2 * self.webhook_attempt_deadline:
+            raise ValueError("webhook_dispatch_lease must exceed twice webhook_attempt_deadline (a delivery "
+                             "must not be dispatched again while its attempt may still run)")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ValueError("heartbeat_ttl must exceed heartbeat_interval")
         return self

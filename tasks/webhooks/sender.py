@@ -7,6 +7,8 @@ header and TLS SNI carry the name), signs the body per Standard Webhooks and fol
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,14 +63,60 @@ def _host_header(target: ssrf.Target) -> str:
     return host if target.port == ssrf.DEFAULT_PORTS[target.scheme] else f"{host}:{target.port}"
 
 
-def _connection_pool(target: ssrf.Target, timeout: float) -> urllib3.HTTPConnectionPool:
+class _Deadline:
+    """A hard wall-clock limit on one attempt. urllib3's timeouts bound each connect and each read, so
+    a receiver that trickles its answer a byte at a time would hold the attempt open for ever; at the
+    deadline this shuts the attempt's socket down, and whatever read is blocked on it ends at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired, self._sock = seconds, False, None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                self._shut()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+def _connection_pool(target: ssrf.Target, timeout: float, deadline: _Deadline) -> urllib3.HTTPConnectionPool:
     common = {"host": target.address, "port": target.port, "maxsize": 1, "retries": False,
-              "timeout": urllib3.Timeout(connect=timeout, read=timeout)}
+              "timeout": urllib3.Timeout(connect=min(timeout, deadline.seconds), read=timeout)}
     if target.scheme == "https":
         # The certificate is checked against the name, though the socket goes to the checked address.
-        return urllib3.HTTPSConnectionPool(**common, server_hostname=target.host, assert_hostname=target.host,
+        pool = urllib3.HTTPSConnectionPool(**common, server_hostname=target.host, assert_hostname=target.host,
                                            cert_reqs="CERT_REQUIRED")
-    return urllib3.HTTPConnectionPool(**common)
+    else:
+        pool = urllib3.HTTPConnectionPool(**common)
+
+    class Watched(pool.ConnectionCls):  # hands its socket to the deadline as soon as it is connected
+        def connect(self):
+            super().connect()
+            deadline.watch(self.sock)
+
+    pool.ConnectionCls = Watched
+    return pool
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -84,18 +132,25 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def post(target: ssrf.Target, body: bytes, headers: dict, timeout: float) -> Response:
-    """POST once, redirects not followed; a transport error is returned as the response's error."""
+def post(target: ssrf.Target, body: bytes, headers: dict, timeout: float, deadline: float | None = None) -> Response:
+    """POST once, redirects not followed; a transport error is returned as the response's error.
+    `timeout` bounds the connect and each read; `deadline` (default: 3 × timeout) the whole attempt."""
     started = time.monotonic()
     try:
-        with _connection_pool(target, timeout) as pool:
+        with _Deadline(deadline or 3 * timeout) as limit, _connection_pool(target, timeout, limit) as pool:
             answer = pool.urlopen("POST", target.path, body=body, headers={**headers, "Host": _host_header(target)},
                                   redirect=False, retries=False, assert_same_host=False, preload_content=False)
             latency = (time.monotonic() - started) * 1000
             text = answer.read(_ANSWER_BYTES, decode_content=False).decode("utf-8", "replace")
             answer.release_conn()
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return Response(latency_ms=(time.monotonic() - started) * 1000, error=f"{type(exc).__name__}: {exc}")
+        elapsed = (time.monotonic() - started) * 1000
+        if limit.expired:
+            return Response(latency_ms=elapsed, error=f"no complete answer within the {limit.seconds:g} s deadline")
+        return Response(latency_ms=elapsed, error=f"{type(exc).__name__}: {exc}")
+    if limit.expired:  # the answer came (or a read ended) only as the socket was being shut
+        return Response(latency_ms=(time.monotonic() - started) * 1000,
+                        error=f"no complete answer within the {limit.seconds:g} s deadline")
     error = None if 200 <= answer.status < 300 else f"HTTP {answer.status}: {text.strip()[:200]}"
     return Response(answer.status, latency, error, _retry_after(answer.headers.get("Retry-After")))
 
@@ -112,4 +167,4 @@ def send(pool, settings: Settings, delivery: dict) -> Response:
     secrets = delivery["secrets"] if delivery["has_current"] else store.signing_secrets(pool, delivery["tenant_id"])
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                **signing.headers(secrets, str(delivery["id"]), int(time.time()), body)}
-    return post(target, body, headers, settings.webhook_timeout)
+    return post(target, body, headers, settings.webhook_timeout, settings.webhook_attempt_deadline)

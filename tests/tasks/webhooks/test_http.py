@@ -87,3 +87,28 @@ def test_retry_delay_follows_the_schedule_with_jitter_and_honours_retry_after():
     assert retry_delay(settings, 1, 100) == 100  # longer than the schedule's: honoured
     assert retry_delay(settings, 1, 10_000) == 160  # capped at the longest delay
     assert 8 <= retry_delay(settings, 1, 1) <= 12  # shorter: the schedule wins
+
+
+def test_a_trickling_receiver_is_cut_off_at_the_attempts_deadline():
+    """Each byte arrives well within the read timeout, so only the hard deadline can end the attempt."""
+    stop = threading.Event()
+    with socket.socket() as tarpit:
+        tarpit.bind(("127.0.0.1", 0))
+        tarpit.listen()
+
+        def trickle():
+            conn, _ = tarpit.accept()
+            with conn:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"z" * 1000:
+                    if stop.wait(0.2):
+                        return
+                    conn.sendall(bytes([byte]))
+
+        threading.Thread(target=trickle, daemon=True).start()
+        started = time.monotonic()
+        answer = post(Target("http", "127.0.0.1", tarpit.getsockname()[1], "127.0.0.1", "/"), b"{}", {}, 1.0,
+                      deadline=2.0)
+        elapsed = time.monotonic() - started
+        stop.set()
+    assert answer.status_code is None and "2 s deadline" in answer.error
+    assert 1.9 <= elapsed < 3.0, elapsed
