@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     webhook_retry_jitter: float = Field(0.2, ge=0, lt=1)  # each delay is scaled by 1 ± this, at random
     webhook_secret_overlap: int = Field(86400, ge=0)  # seconds the old secret still signs after a rotation
     webhook_concurrency: int = Field(16, ge=1)  # deliveries sent at once by one webhooks worker
+    # Deliveries one tenant may have dispatched and not yet finished, across all webhooks workers: a
+    # tenant's slow receivers hold only its own deliveries back.
+    webhook_tenant_inflight: int = Field(8, ge=1)
     webhook_sweep_interval: float = Field(1.0, gt=0)  # seconds between sweeps for due deliveries
     webhook_dispatch_lease: float = Field(300.0, gt=0)  # a dispatched delivery is not dispatched again before
 

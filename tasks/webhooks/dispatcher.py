@@ -56,7 +56,8 @@ class Dispatcher(threading.Thread):
             room = min(self.batch, self.queue_limit - self.app.redis.llen(WEBHOOKS_QUEUE))
             if room <= 0:
                 return sent
-            rows = store.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease)
+            rows = store.claim_due(self.app.db, limit=room, lease_seconds=self.settings.webhook_dispatch_lease,
+                                   per_tenant=self.settings.webhook_tenant_inflight)
             for i, row in enumerate(rows):
                 try:
                     self.app.send_task(DELIVER_TASK, args=[str(row["id"]), row["attempts"] + 1], queue=WEBHOOKS_QUEUE)

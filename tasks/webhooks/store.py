@@ -104,19 +104,30 @@ def disabled_endpoints(pool: ConnectionPool, tenant_id) -> list[dict]:
 # --- deliveries: dispatcher side ----------------------------------------------------------------
 
 
-def claim_due(pool: ConnectionPool, *, limit: int, lease_seconds: float) -> list[dict]:
-    """Lease due deliveries for dispatch. SKIP LOCKED and the lease keep two dispatchers apart."""
+def claim_due(pool: ConnectionPool, *, limit: int, lease_seconds: float, per_tenant: int = 2**31 - 1) -> list[dict]:
+    """Lease due deliveries for dispatch, oldest first. SKIP LOCKED and the lease keep two dispatchers
+    apart. A tenant never has more than `per_tenant` deliveries leased (on the queue or being sent)
+    at once: one whose receivers are slow holds back its own deliveries only, never another's."""
     with pool.connection() as conn:
         return conn.execute(
-            """UPDATE webhook_deliveries SET lease_until = now() + make_interval(secs => %s)
-                WHERE id IN (SELECT id FROM webhook_deliveries
-                              WHERE status = 'pending' AND next_attempt_at <= now()
-                                AND (lease_until IS NULL OR lease_until < now())
-                              ORDER BY next_attempt_at
-                              LIMIT %s
-                                FOR UPDATE SKIP LOCKED)
+            """UPDATE webhook_deliveries SET lease_until = now() + make_interval(secs => %(lease)s)
+                WHERE id IN (
+                    SELECT id FROM webhook_deliveries WHERE id IN (
+                        SELECT due.id
+                          FROM (SELECT id, tenant_id, next_attempt_at,
+                                       row_number() OVER (PARTITION BY tenant_id ORDER BY next_attempt_at) AS nth
+                                  FROM webhook_deliveries
+                                 WHERE status = 'pending' AND next_attempt_at <= now()
+                                   AND (lease_until IS NULL OR lease_until < now())) due
+                          LEFT JOIN (SELECT tenant_id, count(*) AS n FROM webhook_deliveries
+                                      WHERE status = 'pending' AND lease_until >= now()
+                                      GROUP BY tenant_id) leased USING (tenant_id)
+                         WHERE due.nth + coalesce(leased.n, 0) <= %(per_tenant)s
+                         ORDER BY due.next_attempt_at
+                         LIMIT %(limit)s)
+                    FOR UPDATE SKIP LOCKED)
             RETURNING id, attempts""",
-            (lease_seconds, limit),
+            {"lease": lease_seconds, "limit": limit, "per_tenant": per_tenant},
         ).fetchall()
 
 
@@ -160,24 +171,27 @@ def begin_attempt(pool: ConnectionPool, delivery_id, attempt: int, *, lease_seco
 def finish_attempt(pool: ConnectionPool, delivery_id, attempt: int, *, status: str, delay: float = 0.0,
                    status_code: int | None = None, latency_ms: float | None = None, error: str | None = None) -> bool:
     """Record an attempt's outcome: `delivered`, `dead`, or `pending` again after `delay` seconds.
-    False when a newer attempt has taken the delivery over (the attempt is still logged)."""
+    False when a newer attempt has taken the delivery over (the attempt is still logged). The lease is
+    given back and the dispatchers are told (NOTIFY): the tenant has room in flight again."""
     with pool.connection() as conn:
-        cur = conn.execute(
-            """WITH logged AS (
+        row = conn.execute(
+            f"""WITH logged AS (
                    UPDATE webhook_attempts SET status_code = %(code)s, latency_ms = %(latency)s, error = %(error)s
                     WHERE delivery_id = %(id)s AND attempt = %(attempt)s
-               )
+               ), done AS (
                UPDATE webhook_deliveries
                   SET status = %(status)s, lease_until = NULL,
                       next_attempt_at = CASE WHEN %(status)s = 'pending'
                                              THEN now() + make_interval(secs => %(delay)s) ELSE next_attempt_at END,
                       delivered_at = CASE WHEN %(status)s = 'delivered' THEN now() ELSE delivered_at END,
                       last_status_code = %(code)s, last_error = %(error)s
-                WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'pending'""",
+                WHERE id = %(id)s AND attempts = %(attempt)s AND status = 'pending'
+               RETURNING id)
+               SELECT (SELECT count(*) FROM done) AS finished, pg_notify('{NOTIFY_CHANNEL}', 'slot')""",
             {"id": delivery_id, "attempt": attempt, "status": status, "delay": delay, "code": status_code,
              "latency": latency_ms, "error": error},
-        )
-        return cur.rowcount == 1
+        ).fetchone()
+        return row["finished"] == 1
 
 
 # --- deliveries: API side -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ class FakeApp:
 def rows(monkeypatch):
     claimed, released = [], []
 
-    def claim_due(pool, *, limit, lease_seconds):
+    def claim_due(pool, *, limit, lease_seconds, per_tenant):
         batch = [{"id": uuid.uuid4(), "attempts": 2} for _ in range(min(limit, 3 - len(claimed)))]
         claimed.extend(batch)
         return batch
