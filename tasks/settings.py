@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # message is on neither its node's queue nor that node's unacked list is sent to the node again.
     redispatch_after: float = Field(10.0, gt=0)
 
+    # Finished jobs (with their attempts, dead letters and webhook deliveries) are deleted after this many
+    # days; 0 keeps them for ever. A job whose webhook is still being delivered is kept until it ends.
+    retention_days: float = Field(30.0, ge=0)
+
     # Idempotency-Key lifetime.
     idempotency_ttl: int = Field(86_400, ge=60)
     # Seconds a result-cache entry (a `cache: true`, temperature-0 job's answer) is kept in Redis.

@@ -17,6 +17,8 @@ about live nodes and messages):
 
 - past the Cancel-After deadline its client gave at submit: cancelled, like a client's cancel.
 
+About once an hour it also deletes finished jobs past settings.retention_days (tasks/jobs/retention.py).
+
 It does the same for RAG documents whose ingestion stalled (an ingest worker that died mid-document, a
 lost message): tasks/ingest/recovery.py.
 
@@ -35,7 +37,7 @@ from redis.exceptions import LockError
 
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.ingest import recovery as ingest_recovery
-from tasks.jobs import lifecycle, stranded
+from tasks.jobs import lifecycle, retention, stranded
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
 from tasks.routing.strategies import NAMES as STRATEGIES
@@ -47,6 +49,7 @@ LOCK_KEY = "switchyard:reconciler:lock"
 SWEEPS_KEY = "switchyard:reconciler:sweeps"
 _SWEEPS_KEPT = 200
 _RESYNC_EVERY = 30  # sweeps between checks of the assigned sets against Postgres
+_PURGE_EVERY = 3600.0  # seconds between retention purges (tasks/jobs/retention.py)
 
 
 class Reconciler:
@@ -56,6 +59,7 @@ class Reconciler:
         self.trust_heartbeats_after = 0.0
         self._next_message_check = 0.0
         self._next_document_check = 0.0
+        self._next_purge = 0.0
         # The lock outlives a sweep's expected length several times over, and is extended as the sweep
         # goes: another router's reconciler never starts while this one is still at work.
         self._lock = app.redis.lock(LOCK_KEY, timeout=max(5.0, 5 * self.settings.reconcile_interval),
@@ -111,7 +115,7 @@ class Reconciler:
         s, redis, pool = self.settings, self.app.redis, self.app.db
         self.sweeps += 1
         counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "dead": 0,
-                  "resent": 0, "republished": 0, "documents_resent": 0, "deadline_cancelled": 0}
+                  "resent": 0, "republished": 0, "documents_resent": 0, "deadline_cancelled": 0, "purged": 0}
         nodes = registry.live_nodes(redis)
         live = {n["id"] for n in nodes}
 
@@ -144,6 +148,10 @@ class Reconciler:
         if time.monotonic() >= self._next_document_check:
             self._next_document_check = time.monotonic() + min(s.ingest_stall_after / 3, 60)
             counts["documents_resent"] = ingest_recovery.resume_stalled(self.app, each=self._still_mine)
+
+        if s.retention_days and time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + _PURGE_EVERY
+            counts["purged"] = retention.purge(pool, s.retention_days, each=self._still_mine)
 
         if self.sweeps % _RESYNC_EVERY == 0:
             self._resync_assigned(live)
