@@ -86,6 +86,12 @@ class Services:
         return JobWaiter(self.settings.redis_url)
 
     @cached_property
+    def submit_rate(self):
+        from api.limits import SubmitRate
+
+        return SubmitRate(self.redis)
+
+    @cached_property
     def wait_slots(self):
         from api.limits import WaitSlots
 

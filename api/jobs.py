@@ -140,6 +140,7 @@ def submit():
     response = jsonify(job_resource(row))
     response.status_code = 200 if not created or (waited and JobStatus(row["status"]).is_terminal) else 202
     response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
+    response.headers.update(g.rate_headers)
     if waited:
         response.headers["Preference-Applied"] = f"wait={waited:g}"
     if not created:
@@ -153,6 +154,9 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     Every refusal is an ApiError or a ValidationError (a 4xx), raised before anything is stored."""
     services = _services()
     settings = services.settings
+    limits = g.tenant.limits
+    g.rate_headers = services.submit_rate.take(g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
+                                               limits.get("submit_burst", settings.tenant_submit_burst))
     job = JobRequest.model_validate(body, context={
         "max_tokens_limit": settings.max_tokens_limit, "strategies": STRATEGIES,
         "webhook_allow": settings.webhook_allow})
@@ -165,7 +169,12 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in STRATEGIES else None
     strategy = (job.routing and job.routing.strategy) or tenant_default or settings.default_strategy
     session_id = job.routing.session_id if job.routing else None
-    max_attempts = job.max_attempts or settings.max_attempts
+    ceiling = limits.get("max_attempts", 20)
+    if job.max_attempts is not None and job.max_attempts > ceiling:
+        raise ApiError(422, "Too many attempts", f"this tenant's jobs may have at most {ceiling} attempts; "
+                       f"lower max_attempts to {ceiling} or less",
+                       errors=[{"field": "max_attempts", "message": f"at most {ceiling} for this tenant"}])
+    max_attempts = job.max_attempts or min(settings.max_attempts, ceiling)
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
@@ -221,7 +230,8 @@ def wait_until_finished(row: dict, wait: float) -> dict:
         return row
     job_id = row["id"]
     deadline = time.monotonic() + wait
-    with _services().wait_slots.hold(g.tenant.id, wait), _services().waiter.watch(str(job_id)) as finished:
+    with _services().wait_slots.hold(g.tenant.id, wait, g.tenant.limits.get("max_waits")), \
+            _services().waiter.watch(str(job_id)) as finished:
         row = load_job(job_id)
         while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
             finished.wait(left)

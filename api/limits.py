@@ -1,5 +1,10 @@
 """Per-tenant limits the API enforces across all its processes, kept in Redis.
 
+Submissions: a token bucket per tenant (one Lua script: refill by elapsed time on Redis's own clock,
+take one token or refuse), so the rate holds however many API processes share the load. Every submit
+answer carries the IETF RateLimit / RateLimit-Policy headers; a refused one is 429 with Retry-After, and
+nothing is stored.
+
 Concurrent long-polls: each GET /v1/jobs/{id}?wait=N that has to wait holds a slot, a member of the
 tenant's sorted set scored by when it expires (the wait plus a margin, so a process that dies holding
 slots frees them by itself). Taking a slot is one Lua script (expired members dropped, count checked,
@@ -9,6 +14,7 @@ member added), atomic across API processes. Beyond the cap: 429 with Retry-After
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from contextlib import contextmanager
@@ -31,19 +37,64 @@ return 1
 """
 
 
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local allowed = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+local wait = 0
+if allowed == 0 then wait = (cost - tokens) / rate end
+return {allowed, tostring(tokens), tostring(wait), tostring((burst - tokens) / rate)}
+"""
+SUBMITS_KEY = "switchyard:submits:{}"
+
+
+class SubmitRate:
+    """The per-tenant submission bucket: `rate` per second, up to `burst` at once."""
+
+    def __init__(self, client: redis.Redis):
+        self._take = client.register_script(_BUCKET)
+
+    def take(self, tenant_id, rate: float, burst: int) -> dict:
+        """One submission's token: the RateLimit headers to answer with; ApiError 429 when refused."""
+        allowed, left, wait, full = self._take(keys=[SUBMITS_KEY.format(tenant_id)], args=[rate, burst, 1])
+        left, wait, full = float(left), float(wait), float(full)
+        window = max(1, math.ceil(burst / rate))
+        headers = {"RateLimit-Policy": f'"submits";q={burst};w={window}',
+                   "RateLimit": f'"submits";r={int(left)};t={math.ceil(wait if not allowed else full)}'}
+        if not allowed:
+            retry = max(1, math.ceil(wait))
+            raise ApiError(429, "Too Many Requests",
+                           f"this tenant may submit {burst} jobs at once and {rate:g} per second after that; "
+                           f"retry in {retry} s (nothing was stored)", headers={**headers, "Retry-After": str(retry)})
+        return headers
+
+
 class WaitSlots:
     def __init__(self, client: redis.Redis, cap: int):
         self._redis, self.cap = client, cap
         self._take = client.register_script(_TAKE)
 
     @contextmanager
-    def hold(self, tenant_id, seconds: float):
-        """Hold one of the tenant's long-poll slots for up to `seconds`; 429 if all are taken."""
+    def hold(self, tenant_id, seconds: float, cap: int | None = None):
+        """Hold one of the tenant's long-poll slots for up to `seconds`; 429 if all `cap` (default: the
+        deployment's) are taken."""
+        cap = cap or self.cap
         key, member, now = WAITS_KEY.format(tenant_id), uuid.uuid4().hex, time.time()
         expires = now + seconds + _MARGIN
-        if not self._take(keys=[key], args=[now, expires, self.cap, member, int((seconds + _MARGIN) * 1000)]):
+        if not self._take(keys=[key], args=[now, expires, cap, member, int((seconds + _MARGIN) * 1000)]):
             raise ApiError(429, "Too Many Requests",
-                           f"this tenant already has {self.cap} long-polls waiting; retry shortly, or poll "
+                           f"this tenant already has {cap} long-polls waiting; retry shortly, or poll "
                            "without `wait`", headers={"Retry-After": "1"})
         try:
             yield

@@ -161,6 +161,7 @@ def _run(job_body: dict) -> dict:
 
 def _answer(payload: dict, row: dict):
     response = jsonify(payload)
+    response.headers.update(g.get("rate_headers") or {})
     response.headers["X-Switchyard-Job-Id"] = str(row["id"])
     response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
     return response

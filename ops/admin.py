@@ -1,4 +1,5 @@
-"""Operator commands: `python -m ops.admin migrate`, `create-tenant NAME` and `replay-dead-letters`.
+"""Operator commands: `python -m ops.admin migrate`, `create-tenant NAME`, `set-limits NAME` and
+`replay-dead-letters`.
 
 They use DATABASE_URL / REDIS_URL when set; otherwise the URLs of the local cluster that `make up`
 started (kept in .switchyard/env), so they work right after `make up` with nothing exported.
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     tenant.add_argument("name")
     tenant.add_argument("--admin", action="store_true",
                         help="the key may read every tenant's dead letters and drain nodes")
+    limits = sub.add_parser("set-limits", help="set (or, with `default`, clear) a tenant's limits; prints them")
+    limits.add_argument("name")
+    limits.add_argument("--submit-rate", help="jobs per second after the burst (default SWITCHYARD_TENANT_SUBMIT_RATE)")
+    limits.add_argument("--submit-burst", help="jobs at once (default SWITCHYARD_TENANT_SUBMIT_BURST)")
+    limits.add_argument("--max-attempts", help="the most attempts a job may ask for (default 20)")
+    limits.add_argument("--max-waits", help="concurrent long-polls (default SWITCHYARD_MAX_WAITS_PER_TENANT)")
     replay = sub.add_parser("replay-dead-letters", help="re-submit dead jobs (every open dead letter by default)")
     replay.add_argument("--reason", help="only dead letters with this reason (e.g. worker_lost, engine_dead)")
     replay.add_argument("--limit", type=int, default=1000)
@@ -46,10 +53,29 @@ def main(argv: list[str] | None = None) -> None:
         migrate(settings.database_url)
     elif args.command == "replay-dead-letters":
         _replay(settings.require_urls(), args.reason, args.limit)
+    elif args.command == "set-limits":
+        given = {name: getattr(args, name) for name in tenants.LIMIT_NAMES if getattr(args, name) is not None}
+        if not given:
+            parser.error("give at least one limit, e.g. --submit-rate 50 (or `default` to clear one)")
+        try:
+            changes = {name: None if value == "default" else _positive(name, value) for name, value in given.items()}
+            with make_pool(settings.database_url, max_size=1) as pool:
+                now = tenants.set_limits(pool, args.name, changes)
+        except (LookupError, ValueError) as exc:
+            parser.error(str(exc))
+        print(f"tenant {args.name}: limits {now or '(all defaults)'} (in effect within a second on every API)")
     else:
         with make_pool(settings.database_url, max_size=1) as pool:
             t, key = tenants.create_tenant(pool, args.name, admin=args.admin)
         print(f"tenant {t.name} ({t.id})\napi key: {key}")
+
+
+def _positive(name: str, value: str) -> float | int:
+    number = float(value)
+    if number <= 0 or (name != "submit_rate" and not number.is_integer()):
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive {'number' if name == 'submit_rate' else 'whole number'}"
+                         f" (or `default`), got {value!r}")
+    return number if name == "submit_rate" else int(number)
 
 
 def _replay(settings: Settings, reason: str | None, limit: int) -> None:

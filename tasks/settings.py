@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     # Long-polls (GET /v1/jobs/{id}?wait=N) one tenant may hold at once across all API processes; a
     # tenant beyond it gets 429 with Retry-After, so one tenant cannot take every connection.
     max_waits_per_tenant: int = Field(5_000, ge=1)
+    # Submissions (POST /v1/jobs and the OpenAI endpoints) per tenant: a token bucket in Redis shared by
+    # every API process, refilled at tenant_submit_rate per second up to tenant_submit_burst. An
+    # operator overrides these (and max_attempts, max_waits) per tenant: `python -m ops.admin set-limits`.
+    tenant_submit_rate: float = Field(200.0, gt=0)
+    tenant_submit_burst: int = Field(2_000, ge=1)
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
     # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
@@ -14,12 +15,17 @@ def hash_api_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+#: the limits an operator may set per tenant (the rest of the tenant's limits are the defaults)
+LIMIT_NAMES = ("submit_rate", "submit_burst", "max_attempts", "max_waits")
+
+
 @dataclass(frozen=True)
 class Tenant:
     id: uuid.UUID
     name: str
     default_strategy: str | None
     is_admin: bool = False
+    limits: dict = field(default_factory=dict)  # overrides of settings' tenant defaults, by LIMIT_NAMES
 
 
 # --- tenants and keys ---------------------------------------------------------------------------
@@ -41,10 +47,25 @@ def create_tenant(pool: ConnectionPool, name: str, *, admin: bool = False) -> tu
 def tenant_for_key(pool: ConnectionPool, key: str) -> Tenant | None:
     with pool.connection() as conn:
         row = conn.execute(
-            """SELECT t.id, t.name, t.default_strategy, k.is_admin
+            """SELECT t.id, t.name, t.default_strategy, k.is_admin, t.limits
                  FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
                 WHERE k.key_hash = %s AND k.revoked_at IS NULL""",
             (hash_api_key(key),),
         ).fetchone()
-    return Tenant(row["id"], row["name"], row["default_strategy"], row["is_admin"]) if row else None
+    return Tenant(row["id"], row["name"], row["default_strategy"], row["is_admin"], row["limits"]) if row else None
+
+
+def set_limits(pool: ConnectionPool, name: str, limits: dict) -> dict:
+    """Set (a number) or clear (None) some of a tenant's limits; returns its limits as they now are.
+    Raises LookupError for an unknown tenant, ValueError for an unknown limit."""
+    unknown = set(limits) - set(LIMIT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown limit(s) {sorted(unknown)}; use {', '.join(LIMIT_NAMES)}")
+    with pool.connection() as conn:
+        row = conn.execute(
+            """UPDATE tenants SET limits = jsonb_strip_nulls(limits || %s::jsonb) WHERE name = %s RETURNING limits""",
+            (json.dumps(limits), name)).fetchone()
+    if row is None:
+        raise LookupError(f"no tenant named {name!r}")
+    return row["limits"]
 

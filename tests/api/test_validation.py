@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tasks.jobs import tenants
 from tasks.routing import registry
 from tests.api.support import queued_messages
 from tests.support import auth, job_count
@@ -156,3 +157,29 @@ def test_cancel_after_sets_the_jobs_deadline(client, api_redis, tenant):
     response = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers={**auth(key), "Cancel-After": "90"})
     job = response.get_json()
     assert response.status_code == 202 and job["cancel_at"] > job["created_at"]
+
+
+def test_a_tenant_over_its_submit_rate_gets_429_with_ratelimit_headers_and_nothing_stored(client, api_redis, db,
+                                                                                         tenant):
+    t, key = tenant
+    tenants.set_limits(db, t.name, {"submit_rate": 0.2, "submit_burst": 3})
+    answers = [client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers=auth(key)) for _ in range(4)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 429]
+    assert answers[0].headers["RateLimit-Policy"] == '"submits";q=3;w=15'
+    assert answers[2].headers["RateLimit"].startswith('"submits";r=0;')
+    refused = answers[3]
+    assert int(refused.headers["Retry-After"]) >= 1 and "retry in" in refused.get_json()["detail"]
+    assert refused.headers["RateLimit"].startswith('"submits";r=0;')
+    assert job_count(db, t.id) == 3 and queued_messages(api_redis) == 3
+
+
+def test_a_tenants_max_attempts_ceiling_is_enforced(client, api_redis, db, tenant):
+    t, key = tenant
+    tenants.set_limits(db, t.name, {"max_attempts": 2})
+    refused = client.post("/v1/jobs", json={"prompt": "hi", "max_attempts": 3}, headers=auth(key))
+    assert refused.status_code == 422 and "at most 2 attempts" in refused.get_json()["detail"]
+    accepted = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers=auth(key))
+    assert accepted.status_code == 202 and accepted.get_json()["max_attempts"] == 2
+    with pytest.raises(ValueError, match="unknown limit"):
+        tenants.set_limits(db, t.name, {"speed": 3})
+    assert tenants.set_limits(db, t.name, {"max_attempts": None}) == {}
