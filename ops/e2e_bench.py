@@ -290,6 +290,8 @@ def run_switchyard(args, reqs: list[dict], workdir: Path) -> list[dict]:
         cluster.wait_api()
         cluster.wait_nodes(["bench-gpu-0"], timeout=600)
         _, key = tenants.create_tenant(cluster.db, "bench")
+        # Every user submits at once: the benchmark's tenant may (the defaults would refuse past 2000).
+        tenants.set_limits(cluster.db, "bench", {"submit_burst": 2 * len(reqs) + 100, "submit_rate": 10_000})
         # The engine's first requests are slow (allocation, warm caches): as for raw vLLM, not measured.
         asyncio.run(_switchyard_mode(cluster.api, key, reqs[:8], "long-poll", receiver_port))
         for mode in args.modes:
