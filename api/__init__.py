@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.jobs import bp as jobs_bp
     from api.nodes import bp as nodes_bp
     from api.openai import bp as openai_bp
+    from api.openapi import bp as openapi_bp
     from api.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env().require_urls()
@@ -123,4 +124,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(collections_bp)
     app.register_blueprint(documents_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(openapi_bp)
     return app
