@@ -1,7 +1,8 @@
 """Bearer API keys → tenant. Keys are looked up by their SHA-256 digest.
 
 A key found valid is remembered in the process for KEY_CACHE_SECONDS, so a client's stream of requests
-does not cost a Postgres query each; a revoked key is refused within that time on every API process.
+does not cost a Postgres query each; a revoked or expired key is refused within that time on every API
+process. Each key carries scopes (tasks/jobs/tenants.py); a request needs the one `required_scope` names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,21 @@ def authenticate() -> None:
     if tenant is None:
         raise ApiError(401, "Unauthorized", "the API key is not valid (unknown or revoked)",
                        headers={"WWW-Authenticate": 'Bearer realm="switchyard", error="invalid_token"'})
+    scope = required_scope()
+    if scope not in tenant.scopes:
+        raise ApiError(403, "Forbidden", f"this API key lacks the `{scope}` scope (it has: "
+                       f"{', '.join(sorted(tenant.scopes))}); use a key with it (`python -m ops.admin create-key`)")
     g.tenant = tenant
+
+
+def required_scope() -> str:
+    """The scope a request needs: `webhooks` for the webhooks endpoints, `admin` to drain nodes, else
+    `jobs:read` to read and `jobs:write` to submit, cancel, replay or change collections."""
+    if request.blueprint == "webhooks":
+        return "webhooks"
+    if request.blueprint == "nodes" and request.method != "GET":
+        return "admin"
+    return "jobs:read" if request.method in ("GET", "HEAD") else "jobs:write"
 
 
 KEY_CACHE_SECONDS = 1.0

@@ -40,6 +40,6 @@ def readyz():
         log.warning("readiness: Postgres unreachable: %r", exc)
         checks["postgres"] = "unreachable"
     ready = checks["redis"] == "ok" and checks["postgres"] == "ok" and bool(nodes)
-    response = jsonify(status="ready" if ready else "not ready", checks=checks, nodes=[n["id"] for n in nodes])
+    response = jsonify(status="ready" if ready else "not ready", checks=checks)
     response.status_code = 200 if ready else 503
     return response

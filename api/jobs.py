@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
+from contextlib import ExitStack
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
@@ -133,10 +135,18 @@ def _idempotency(body: dict) -> tuple[str, bytes, int] | None:
 @bp.post("")
 def submit():
     body = _parse_body()
-    row, created = submit_job(body, _idempotency(body), _cancel_after())
     waited = _prefer_wait()
-    if waited:
-        row = wait_until_finished(row, waited)
+    with ExitStack() as stack:
+        if waited:  # the slot is taken before anything is stored; with none free, answer at once (202)
+            try:
+                stack.enter_context(wait_slot(waited))
+            except ApiError as exc:
+                if exc.status != 429:
+                    raise
+                waited = 0.0
+        row, created = submit_job(body, _idempotency(body), _cancel_after())
+        if waited:
+            row = wait_until_finished(row, waited)
     response = jsonify(job_resource(row))
     response.status_code = 200 if not created or (waited and JobStatus(row["status"]).is_terminal) else 202
     response.headers["Location"] = url_for("jobs.get", job_id=row["id"])
@@ -155,8 +165,6 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     services = _services()
     settings = services.settings
     limits = g.tenant.limits
-    g.rate_headers = services.submit_rate.take(g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
-                                               limits.get("submit_burst", settings.tenant_submit_burst))
     job = JobRequest.model_validate(body, context={
         "max_tokens_limit": settings.max_tokens_limit, "strategies": STRATEGIES,
         "webhook_allow": settings.webhook_allow})
@@ -175,6 +183,9 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
                        f"lower max_attempts to {ceiling} or less",
                        errors=[{"field": "max_attempts", "message": f"at most {ceiling} for this tenant"}])
     max_attempts = job.max_attempts or min(settings.max_attempts, ceiling)
+    # The rate is charged for a valid request only, right before it is stored.
+    g.rate_headers = services.submit_rate.take(g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
+                                               limits.get("submit_burst", settings.tenant_submit_burst))
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
@@ -219,19 +230,26 @@ def _prefer_wait() -> float:
                 seconds = float(value.strip().strip('"'))
             except ValueError:
                 return 0.0
+            if not math.isfinite(seconds):
+                return 0.0
             return min(max(seconds, 0.0), _services().settings.long_poll_max_seconds)
     return 0.0
 
 
+def wait_slot(seconds: float):
+    """One of the tenant's long-poll slots, for up to `seconds` (ApiError 429 when all are taken).
+    Callers that store something take it first, so a refusal leaves nothing behind."""
+    return _services().wait_slots.hold(g.tenant.id, seconds, g.tenant.limits.get("max_waits"))
+
+
 def wait_until_finished(row: dict, wait: float) -> dict:
-    """The job as it is once it has finished, or after `wait` seconds, whichever comes first. Holds
-    one of the tenant's wait slots meanwhile (429 beyond them), and no thread (gevent)."""
+    """The job as it is once it has finished, or after `wait` seconds, whichever comes first. The
+    caller holds a wait slot (wait_slot); waiting holds no thread (gevent)."""
     if JobStatus(row["status"]).is_terminal:
         return row
     job_id = row["id"]
     deadline = time.monotonic() + wait
-    with _services().wait_slots.hold(g.tenant.id, wait, g.tenant.limits.get("max_waits")), \
-            _services().waiter.watch(str(job_id)) as finished:
+    with _services().waiter.watch(str(job_id)) as finished:
         row = load_job(job_id)
         while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
             finished.wait(left)
@@ -264,8 +282,9 @@ def load_job(job_id: uuid.UUID) -> dict:
 def get(job_id: uuid.UUID):
     wait = _wait_seconds()
     row = load_job(job_id)
-    if wait:
-        row = wait_until_finished(row, wait)
+    if wait and not JobStatus(row["status"]).is_terminal:
+        with wait_slot(wait):
+            row = wait_until_finished(row, wait)
     return jsonify(job_resource(row))
 
 

@@ -6,6 +6,7 @@ from flask import Blueprint, current_app, g, jsonify
 
 from api.auth import authenticate
 from api.errors import ApiError
+from tasks.jobs import tenants
 from tasks.routing import registry
 
 bp = Blueprint("nodes", __name__, url_prefix="/v1/nodes")
@@ -41,6 +42,9 @@ def _drain(node_id: str, draining: bool):
     if find() is None:
         raise ApiError(404, "Not Found", f"no live node {node_id!r}; GET /v1/nodes lists them")
     registry.set_drain(redis, node_id, draining)
+    with current_app.extensions["switchyard"].pool.connection() as conn:
+        tenants.audit(conn, f"key:{g.tenant.key_prefix}", "node.drained" if draining else "node.undrained", None,
+                      node_id, {})
     node = find()
     if node is None:
         raise ApiError(404, "Not Found", f"node {node_id!r} left meanwhile")

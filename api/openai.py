@@ -19,18 +19,21 @@ import time
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_errors
-from api.jobs import submit_job, wait_until_finished
+from api.jobs import submit_job, wait_slot, wait_until_finished
+from tasks.errors import TRANSIENT, QueueUnavailable
 from tasks.jobs.status import JobStatus
 from tasks.routing import registry
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
 
-#: how long a completion request waits for its job (the openai client's own default timeout is 600 s)
-COMPLETION_WAIT = 600.0
+#: how long a completion request waits for its job: under the openai client's own default timeout
+#: (600 s), so the client hears the 504 (with the job id) instead of timing out and submitting again
+COMPLETION_WAIT = 590.0
 
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "n", "stream", "user", "metadata"}
@@ -68,6 +71,24 @@ def _api_error(exc: ApiError):
     return _error(400 if exc.status == 422 else exc.status, exc.detail, field, None, exc.headers)
 
 
+@bp.errorhandler(QueueUnavailable)
+def _queue_unavailable(exc: QueueUnavailable):
+    return _error(503, "the job queue is unreachable; nothing was stored, retry shortly", headers={"Retry-After": "5"})
+
+
+@bp.errorhandler(HTTPException)
+def _http(exc: HTTPException):
+    return _error(exc.code or 500, exc.description or exc.name)
+
+
+def _unavailable(exc: Exception):
+    return _error(503, "a backing service is unreachable; retry shortly", headers={"Retry-After": "5"})
+
+
+for _kind in TRANSIENT:
+    bp.register_error_handler(_kind, _unavailable)
+
+
 @bp.errorhandler(ValidationError)
 def _invalid(exc: ValidationError):
     errors = validation_errors(exc)
@@ -83,6 +104,8 @@ def _body(allowed: set[str]) -> dict:
         body = json.loads(request.get_data(cache=False) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     for name, value in body.items():
@@ -95,6 +118,8 @@ def _body(allowed: set[str]) -> dict:
         raise OpenAIError(400, "only n = 1 is supported", "n", "unsupported_parameter")
     if not body.get("model"):
         raise OpenAIError(400, "`model` is required; GET /v1/models lists the models served", "model")
+    if not isinstance(body.get("metadata") or {}, dict):
+        raise OpenAIError(400, "`metadata` must be an object of strings", "metadata")
     return body
 
 
@@ -138,12 +163,16 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _run(job_body: dict) -> dict:
-    """Submit the job and wait for it; the finished row, or an OpenAIError saying why not."""
-    row, _ = submit_job(job_body)
-    g.job_id = str(row["id"])
-    row = wait_until_finished(row, COMPLETION_WAIT)
+    """Submit the job and wait for it; the finished row, or an OpenAIError saying why not. The wait
+    slot is taken first (a 429 stores nothing); an error after the job exists tells the client not to
+    retry (`x-should-retry: false`, which the openai client obeys): a retry would run the job again."""
+    with wait_slot(COMPLETION_WAIT):
+        row, _ = submit_job(job_body)
+        g.job_id = str(row["id"])
+        row = wait_until_finished(row, COMPLETION_WAIT)
     status = JobStatus(row["status"])
-    headers = {"X-Switchyard-Job-Id": g.job_id, "Location": url_for("jobs.get", job_id=row["id"])}
+    headers = {"X-Switchyard-Job-Id": g.job_id, "Location": url_for("jobs.get", job_id=row["id"]),
+               "x-should-retry": "false"}
     if status is JobStatus.SUCCEEDED:
         return row
     if not status.is_terminal:

@@ -8,6 +8,7 @@ started (kept in .switchyard/env), so they work right after `make up` with nothi
 from __future__ import annotations
 
 import argparse
+import math
 
 from tasks.db import make_pool, migrate
 from tasks.jobs import dead_letters, lifecycle, tenants
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _positive(name: str, value: str) -> float | int:
     number = float(value)
-    if number <= 0 or (name != "submit_rate" and not number.is_integer()):
+    if not math.isfinite(number) or number <= 0 or (name != "submit_rate" and not number.is_integer()):
         raise ValueError(f"--{name.replace('_', '-')} must be a positive {'number' if name == 'submit_rate' else 'whole number'}"
                          f" (or `default`), got {value!r}")
     return number if name == "submit_rate" else int(number)

@@ -13,8 +13,10 @@ workers = _settings.api_workers
 worker_class = "gevent"
 worker_connections = _settings.api_worker_connections
 backlog = 4096  # connections the kernel queues before accept (capped by net.core.somaxconn)
-timeout = 90  # > the 60 s long-poll maximum
-graceful_timeout = 30
+timeout = 90  # the worker's own heartbeat to the master (a waiting greenlet does not block it)
+# On a restart, requests in flight get this long to finish: long-polls (≤ 60 s) do; an OpenAI-style
+# completion (up to 590 s) may be cut, and its client then reads the job by the id it was given.
+graceful_timeout = 65
 accesslog = "-"
 
 

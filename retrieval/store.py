@@ -191,10 +191,11 @@ def stalled_documents(conn: psycopg.Connection, older_than: float, limit: int = 
     """Documents, of every tenant, `queued` or `processing` with no progress for `older_than` seconds:
     their ingest message was lost, or the worker running them died (updated_at moves with every batch)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
+        # Each status on its own: a long backlog of queued documents must not hide a dead run's document.
+        return [row for status in ("processing", "queued") for row in cur.execute(
             """SELECT id, tenant_id, status, attempt FROM documents
-                WHERE status IN ('queued', 'processing') AND updated_at < now() - make_interval(secs => %s)
-                ORDER BY updated_at LIMIT %s""", (older_than, limit)).fetchall()
+                WHERE status = %s AND updated_at < now() - make_interval(secs => %s)
+                ORDER BY updated_at LIMIT %s""", (status, older_than, limit)).fetchall()]
 
 
 def _fence(cur, document_id, attempt: int) -> None:

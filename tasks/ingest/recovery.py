@@ -55,4 +55,4 @@ def waiting_documents(app) -> set[str]:
     """Ids of the documents with an ingest message waiting on the queue (not yet taken by a worker)."""
     with app.connection_for_write() as conn:
         raw = conn.default_channel.client.lrange(INGEST_QUEUE, 0, -1)
-    return {d for d in (document_of(json.loads(m)["headers"]["id"]) for m in raw) if d}
+    return {d for d in (document_of(str(json.loads(m).get("headers", {}).get("id", ""))) for m in raw) if d}

@@ -110,10 +110,11 @@ def _connection_pool(target: ssrf.Target, timeout: float, deadline: _Deadline) -
     else:
         pool = urllib3.HTTPConnectionPool(**common)
 
-    class Watched(pool.ConnectionCls):  # hands its socket to the deadline as soon as it is connected
-        def connect(self):
-            super().connect()
-            deadline.watch(self.sock)
+    class Watched(pool.ConnectionCls):  # hands its TCP socket to the deadline before any TLS handshake
+        def _new_conn(self):
+            sock = super()._new_conn()
+            deadline.watch(sock)
+            return sock
 
     pool.ConnectionCls = Watched
     return pool

@@ -142,7 +142,8 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise UnresolvableURL(f"host {host!r} does not resolve ({exc}); check the host name") from None
+        log.warning("webhook URL refused: %r does not resolve (%s)", host, exc)
+        raise UnresolvableURL(f"host {host!r} does not resolve to a public address; check the host name") from None
     addresses = []
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])

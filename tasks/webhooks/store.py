@@ -125,6 +125,7 @@ def claim_due(pool: ConnectionPool, *, limit: int, lease_seconds: float, per_ten
                          WHERE due.nth + coalesce(leased.n, 0) <= %(per_tenant)s
                          ORDER BY due.next_attempt_at
                          LIMIT %(limit)s)
+                      AND status = 'pending' AND (lease_until IS NULL OR lease_until < now())
                     FOR UPDATE SKIP LOCKED)
             RETURNING id, attempts""",
             {"lease": lease_seconds, "limit": limit, "per_tenant": per_tenant},

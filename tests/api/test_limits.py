@@ -1,0 +1,28 @@
+"""The per-tenant wait slots in Redis: a short wait never shortens the life of the slots that longer
+waits hold, and a submit that would wait with every slot taken is answered at once (202), stored once."""
+
+from __future__ import annotations
+
+import uuid
+
+from api.limits import WAITS_KEY, WaitSlots
+from tasks.jobs import tenants
+from tests.support import auth, job_count
+
+
+def test_a_short_wait_does_not_shorten_the_slots_of_long_ones(api_redis):
+    slots, tenant = WaitSlots(api_redis, cap=10), uuid.uuid4()
+    with slots.hold(tenant, 590):
+        with slots.hold(tenant, 1):
+            assert api_redis.pttl(WAITS_KEY.format(tenant)) > 590_000
+        assert api_redis.zcard(WAITS_KEY.format(tenant)) == 1
+    assert api_redis.zcard(WAITS_KEY.format(tenant)) == 0
+
+
+def test_prefer_wait_with_no_slot_free_answers_202_at_once_and_stores_one_job(client, api_redis, db, tenant):
+    t, key = tenant
+    tenants.set_limits(db, t.name, {"max_waits": 1})
+    api_redis.zadd(WAITS_KEY.format(t.id), {"someone-else": 9_999_999_999})  # the only slot is taken
+    response = client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers={**auth(key), "Prefer": "wait=30"})
+    assert response.status_code == 202 and "Preference-Applied" not in response.headers
+    assert job_count(db, t.id) == 1
