@@ -1,5 +1,6 @@
-"""Operator commands: `python -m ops.admin migrate`, `create-tenant NAME`, `set-limits NAME` and
-`replay-dead-letters`.
+"""Operator commands: `python -m ops.admin migrate`, `create-tenant NAME`, `create-key NAME`,
+`list-keys NAME`, `revoke-key KEY`, `rotate-key KEY`, `set-limits NAME` and `replay-dead-letters`.
+Every change to keys and limits is written to the audit log (table audit_log).
 
 They use DATABASE_URL / REDIS_URL when set; otherwise the URLs of the local cluster that `make up`
 started (kept in .switchyard/env), so they work right after `make up` with nothing exported.
@@ -35,6 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     tenant.add_argument("name")
     tenant.add_argument("--admin", action="store_true",
                         help="the key may read every tenant's dead letters and drain nodes")
+    key = sub.add_parser("create-key", help="another API key for a tenant (prints it once)")
+    key.add_argument("name", help="the tenant")
+    key.add_argument("--scopes", default=",".join(tenants.DEFAULT_SCOPES),
+                     help=f"comma-separated, of {', '.join(tenants.SCOPES)} (default: %(default)s)")
+    key.add_argument("--label", help="a name for the key, e.g. the service that uses it")
+    key.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
+    sub.add_parser("list-keys", help="a tenant's keys (prefix, name, scopes, expiry, revoked)").add_argument("name")
+    sub.add_parser("revoke-key", help="revoke a key now (by id or prefix)").add_argument("key")
+    rotate = sub.add_parser("rotate-key", help="a new key with the same scopes; the old one expires after --overlap")
+    rotate.add_argument("key", help="the key's id or prefix")
+    rotate.add_argument("--overlap", type=float, default=3600.0, help="seconds the old key keeps working (default 3600)")
     limits = sub.add_parser("set-limits", help="set (or, with `default`, clear) a tenant's limits; prints them")
     limits.add_argument("name")
     limits.add_argument("--submit-rate", help="jobs per second after the burst (default SWITCHYARD_TENANT_SUBMIT_RATE)")
@@ -54,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         migrate(settings.database_url)
     elif args.command == "replay-dead-letters":
         _replay(settings.require_urls(), args.reason, args.limit)
+    elif args.command in ("create-key", "list-keys", "revoke-key", "rotate-key"):
+        try:
+            with make_pool(settings.database_url, max_size=1) as pool:
+                _keys(pool, args)
+        except (LookupError, ValueError) as exc:
+            parser.error(str(exc))
     elif args.command == "set-limits":
         given = {name: getattr(args, name) for name in tenants.LIMIT_NAMES if getattr(args, name) is not None}
         if not given:
@@ -69,6 +87,26 @@ def main(argv: list[str] | None = None) -> None:
         with make_pool(settings.database_url, max_size=1) as pool:
             t, key = tenants.create_tenant(pool, args.name, admin=args.admin)
         print(f"tenant {t.name} ({t.id})\napi key: {key}")
+
+
+def _keys(pool, args) -> None:
+    if args.command == "create-key":
+        expires = args.expires_in_days * 86400 if args.expires_in_days else None
+        row, key = tenants.create_key(pool, args.name, scopes=args.scopes.split(","), name=args.label,
+                                      expires_in=expires)
+        print(f"key {row['prefix']}… ({row['id']}) scopes {','.join(row['scopes'])}"
+              f"{' expires ' + row['expires_at'].isoformat() if row['expires_at'] else ''}\napi key: {key}")
+    elif args.command == "list-keys":
+        for row in tenants.list_keys(pool, args.name):
+            state = ("revoked " + row["revoked_at"].isoformat() if row["revoked_at"] else
+                     "expires " + row["expires_at"].isoformat() if row["expires_at"] else "live")
+            print(f"{row['prefix']}…  {row['id']}  {row['name'] or '-':<20} {','.join(row['scopes']):<35} {state}")
+    elif args.command == "revoke-key":
+        row = tenants.revoke_key(pool, args.key)
+        print(f"key {row['prefix']}… revoked (refused by every API within a second)")
+    else:
+        row, key = tenants.rotate_key(pool, args.key, overlap=args.overlap)
+        print(f"new key {row['prefix']}… ({row['id']}); the old one stops working in {args.overlap:g} s\napi key: {key}")
 
 
 def _positive(name: str, value: str) -> float | int:
