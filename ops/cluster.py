@@ -4,8 +4,8 @@
 prepares the model, starts the API (gunicorn), the router, one GPU worker, the webhooks worker, the
 ingest worker, a small local webhook receiver and Flower, then submits a few sample jobs, prints the
 model's answers and shows the first job's webhook arriving at the receiver, its signature verified.
-Last, a retrieval-augmented sample: the project's own docs (README.md, docs/) are ingested into a
-collection `switchyard-docs`, and one question is answered from them, printed with its citations.
+Last, a retrieval-augmented sample: the project's own docs (docs/*.md) are ingested into a collection
+`switchyard-docs`, and one question is answered from them, printed with its citations.
 State, logs and pid files live in `.switchyard/`, so a second `up` reuses everything the first prepared
 and `down` stops exactly what `up` started.
 """
@@ -58,11 +58,14 @@ SAMPLES = [
 
 # The RAG sample: the project's own docs, and a question they answer.
 RAG_COLLECTION = "switchyard-docs"
-RAG_QUESTION = "Which command stops everything that make up started?"
+RAG_QUESTION = "What does make down do?"
+RAG_TOP_K = 2  # the 135M model keeps to its context better with fewer passages
 
 
 def rag_documents() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """The docs/ folder's Markdown (the operator's guide and the benchmark reports). Not README.md: it
+    quotes this very sample's question and answer, which retrieval would then find instead."""
+    return sorted((ROOT / "docs").rglob("*.md"))
 
 
 def say(message: str) -> None:
@@ -214,10 +217,10 @@ def run_rag_sample(key: str, timeout: float = 180) -> None:
             raise SystemExit(f"RAG sample: documents not ready after {timeout:.0f} s; see {LOGS / 'ingest.log'}")
         time.sleep(0.5)
     job = _call("POST", "/v1/jobs", key, {"messages": [{"role": "user", "content": RAG_QUESTION}],
-                                          "max_tokens": 64, "temperature": 0,
-                                          "rag": {"collections": [collection["id"]], "top_k": 3}})
+                                          "max_tokens": 40, "temperature": 0,
+                                          "rag": {"collections": [collection["id"]], "top_k": RAG_TOP_K}})
     done = _call("GET", f"/v1/jobs/{job['id']}?wait=60", key)
-    print(f"\n  Q: {RAG_QUESTION}   (rag: top 3 of {RAG_COLLECTION})")
+    print(f"\n  Q: {RAG_QUESTION}   (rag: top {RAG_TOP_K} of {RAG_COLLECTION})")
     if done["status"] != "succeeded":
         print(f"  !! job {done['id']} is {done['status']}: {done.get('error')}\n")
         return
