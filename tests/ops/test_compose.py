@@ -108,20 +108,46 @@ def test_redis_is_durable_and_never_evicts(compose):
     assert "redis-cli" in _argv(redis["healthcheck"]["test"])
 
 
+SECRET = re.compile(r"\$\{(SWITCHYARD_[A-Z_]+):\?[^}]+\}")  # ${VAR:?message}: compose refuses to start unset
+
+
+def _secret(value: str) -> str:
+    """The environment variable a required secret comes from (fails if the value is written out)."""
+    match = SECRET.fullmatch(str(value)) or SECRET.search(str(value))
+    assert match, f"{value!r} is not a required ${{SWITCHYARD_...:?...}} secret"
+    return match.group(1)
+
+
 def test_postgres_matches_the_database_url(compose):
     pg = compose["services"]["postgres"]
     assert pg["image"].startswith("pgvector/pgvector:")
     env = _environment(pg)
     url = _environment(compose["services"]["api"])["DATABASE_URL"]
-    assert url == f"postgresql://postgres:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    assert re.fullmatch(rf"postgresql://postgres:\$\{{[^}}]+\}}@postgres:5432/{env['POSTGRES_DB']}", url), url
+    assert _secret(url) == _secret(env["POSTGRES_PASSWORD"]) == "SWITCHYARD_POSTGRES_PASSWORD"
     assert "pg_isready" in " ".join(_argv(pg["healthcheck"]["test"]))
+
+
+def test_secrets_come_from_the_environment_and_flower_is_guarded(compose):
+    services = compose["services"]
+    redis_argv = _argv(services["redis"]["command"])
+    password = redis_argv[redis_argv.index("--requirepass") + 1]
+    assert _secret(password) == _secret(_environment(services["redis"])["REDISCLI_AUTH"]) == "SWITCHYARD_REDIS_PASSWORD"
+    assert _secret(_environment(services["api"])["REDIS_URL"]) == "SWITCHYARD_REDIS_PASSWORD"
+    flower = services["flower"]
+    assert _secret(_environment(flower)["FLOWER_BASIC_AUTH"]) == "SWITCHYARD_FLOWER_LOGIN"
+    assert [str(p) for p in flower["ports"]] == ["127.0.0.1:5555:5555"]  # loopback only
+    example = (REPO / "ops" / "compose.env.example").read_text()
+    for name in ("SWITCHYARD_POSTGRES_PASSWORD", "SWITCHYARD_REDIS_PASSWORD", "SWITCHYARD_FLOWER_LOGIN"):
+        assert f"{name}=" in example
+    assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_services_get_database_and_redis_urls(compose, name):
     env = _environment(compose["services"][name])
     assert env.get("DATABASE_URL", "").startswith("postgresql://"), env
-    assert env.get("REDIS_URL", "").startswith("redis://redis:6379"), env
+    assert re.fullmatch(r"redis://:\$\{[^}]+\}@redis:6379/\d+", env.get("REDIS_URL", "")), env
     assert str(env.get("HF_HUB_OFFLINE")) == "1", env
 
 
