@@ -86,6 +86,12 @@ class Services:
         return JobWaiter(self.settings.redis_url)
 
     @cached_property
+    def secret_box(self):
+        from tasks.webhooks.sealing import SecretBox
+
+        return SecretBox(self.settings.secrets_key)
+
+    @cached_property
     def submit_rate(self):
         from api.limits import SubmitRate
 

@@ -88,8 +88,9 @@ def delivery_resource(row: dict) -> dict:
 @bp.get("/webhooks/secret")
 def get_secret():
     pool = _services().pool
-    return jsonify(secret_resource(webhooks.current_secret(pool, g.tenant.id),
-                                   webhooks.previous_secrets(pool, g.tenant.id)))
+    box = _services().secret_box
+    return jsonify(secret_resource(webhooks.current_secret(pool, g.tenant.id, box),
+                                   webhooks.previous_secrets(pool, g.tenant.id, box)))
 
 
 @bp.post("/webhooks/secret/rotate")
@@ -97,8 +98,8 @@ def rotate_secret():
     body = _body(RotateRequest)
     services = _services()
     overlap = services.settings.webhook_secret_overlap if body.overlap_seconds is None else body.overlap_seconds
-    current = webhooks.rotate_secret(services.pool, g.tenant.id, overlap)
-    return jsonify(secret_resource(current, webhooks.previous_secrets(services.pool, g.tenant.id)))
+    current = webhooks.rotate_secret(services.pool, g.tenant.id, overlap, services.secret_box)
+    return jsonify(secret_resource(current, webhooks.previous_secrets(services.pool, g.tenant.id, services.secret_box)))
 
 
 # --- endpoints ----------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending database migrations")
+    sub.add_parser("new-secrets-key", help="print a new key for SWITCHYARD_SECRETS_KEY (seals webhook secrets)")
+    sub.add_parser("seal-secrets", help="seal the webhook secrets stored before SWITCHYARD_SECRETS_KEY was set")
     tenant = sub.add_parser("create-tenant", help="create a tenant and print its API key (shown once)")
     tenant.add_argument("name")
     tenant.add_argument("--admin", action="store_true",
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--reason", help="only dead letters with this reason (e.g. worker_lost, engine_dead)")
     replay.add_argument("--limit", type=int, default=1000)
     args = parser.parse_args(argv)
+    if args.command == "new-secrets-key":
+        from tasks.webhooks.sealing import new_key
+
+        print(new_key())
+        return
 
     settings = settings_with_local_urls()
     if not settings.database_url:
@@ -64,6 +71,14 @@ def main(argv: list[str] | None = None) -> None:
                      "REDIS_URL), or start the local cluster with `make up`")
     if args.command == "migrate":
         migrate(settings.database_url)
+    elif args.command == "seal-secrets":
+        from tasks.webhooks.sealing import SecretBox
+        from tasks.webhooks.store import seal_stored_secrets
+
+        if not settings.secrets_key:
+            parser.error("SWITCHYARD_SECRETS_KEY is not set (make one with `python -m ops.admin new-secrets-key`)")
+        with make_pool(settings.database_url, max_size=1) as pool:
+            print(f"sealed {seal_stored_secrets(pool, SecretBox(settings.secrets_key))} webhook secret(s)")
     elif args.command == "replay-dead-letters":
         _replay(settings.require_urls(), args.reason, args.limit)
     elif args.command in ("create-key", "list-keys", "revoke-key", "rotate-key"):

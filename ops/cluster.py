@@ -68,6 +68,17 @@ def rag_documents() -> list[Path]:
     return sorted((ROOT / "docs").rglob("*.md"))
 
 
+def secrets_key() -> str:
+    """The local cluster's key sealing webhook secrets at rest: made once, kept in .switchyard/ (0600)."""
+    path = HOME / "secrets.key"
+    if not path.exists():
+        from tasks.webhooks.sealing import new_key
+
+        path.write_text(new_key())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def say(message: str) -> None:
     print(f"[switchyard] {message}", flush=True)
 
@@ -273,6 +284,7 @@ def up(args) -> None:
     env = {**os.environ, **urls, "HF_HUB_OFFLINE": "1", "SWITCHYARD_NODE_ID": NODE_ID, "PYTHONUNBUFFERED": "1"}
     # The local receiver is on loopback, which the SSRF guard refuses unless it is allow-listed.
     env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*_SETTINGS.webhook_allow, f"127.0.0.1:{RECEIVER_PORT}"])
+    env["SWITCHYARD_SECRETS_KEY"] = _SETTINGS.secrets_key or secrets_key()
     (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
     procs = group(env)
     for name, argv in processes(env).items():

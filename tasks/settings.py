@@ -106,6 +106,8 @@ class Settings(BaseSettings):
                                                                      43200)
     webhook_retry_jitter: float = Field(0.2, ge=0, lt=1)  # each delay is scaled by 1 ± this, at random
     webhook_secret_overlap: int = Field(86400, ge=0)  # seconds the old secret still signs after a rotation
+    # Fernet key sealing webhook signing secrets at rest (tasks/webhooks/sealing.py); None: stored bare.
+    secrets_key: str | None = None
     webhook_concurrency: int = Field(16, ge=1)  # deliveries sent at once by one webhooks worker
     # Deliveries one tenant may have dispatched and not yet finished, across all webhooks workers: a
     # tenant's slow receivers hold only its own deliveries back.
@@ -175,6 +177,19 @@ class Settings(BaseSettings):
 
         AllowList.parse(v)  # raises ValueError naming the bad entry
         return v
+
+    @field_validator("secrets_key")
+    @classmethod
+    def _fernet_key(cls, v: str | None) -> str | None:
+        if v:
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(v.encode())
+            except ValueError:
+                raise ValueError("must be a Fernet key (32 url-safe base64-encoded bytes); make one with "
+                                 "`python -m ops.admin new-secrets-key`") from None
+        return v or None
 
     @field_validator("webhook_retry_schedule")
     @classmethod

@@ -19,6 +19,7 @@ import urllib3
 from tasks.jobs.resource import job_resource
 from tasks.settings import Settings
 from tasks.webhooks import signing, ssrf, store
+from tasks.webhooks.sealing import SecretBox
 
 USER_AGENT = "Switchyard-Webhooks/1"
 _ANSWER_BYTES = 1024  # of the receiver's answer, read (and kept in the log for a failure)
@@ -165,7 +166,9 @@ def send(pool, settings: Settings, delivery: dict) -> Response:
         return Response(error=str(exc))  # DNS may come back: retried
     except ssrf.UnsafeURL as exc:
         return Response(error=f"refused: {exc}", refused=True)
-    secrets = delivery["secrets"] if delivery["has_current"] else store.signing_secrets(pool, delivery["tenant_id"])
+    box = SecretBox(settings.secrets_key)
+    secrets = ([box.open(s) for s in delivery["secrets"]] if delivery["has_current"]
+               else store.signing_secrets(pool, delivery["tenant_id"], box))
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                **signing.headers(secrets, str(delivery["id"]), int(time.time()), body)}
     return post(target, body, headers, settings.webhook_timeout, settings.webhook_attempt_deadline)

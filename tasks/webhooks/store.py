@@ -13,6 +13,7 @@ from datetime import datetime
 from psycopg_pool import ConnectionPool
 
 from tasks.jobs.status import TERMINAL, JobStatus
+from tasks.webhooks.sealing import PLAIN, SecretBox
 from tasks.webhooks.signing import new_secret
 
 NOTIFY_CHANNEL = "switchyard_webhooks"
@@ -25,50 +26,69 @@ LOST_ATTEMPT = "no outcome recorded: the worker stopped during the attempt"
 # --- secrets ------------------------------------------------------------------------------------
 
 
+# Secrets are stored sealed with `box` (tasks/webhooks/sealing.py) and returned opened; PLAIN (no key)
+# stores them as they are.
+
+
+def _opened(row: dict | None, box: SecretBox) -> dict | None:
+    return None if row is None else {**row, "secret": box.open(row["secret"])}
+
+
 def _current(conn, tenant_id) -> dict | None:
     return conn.execute("SELECT * FROM webhook_secrets WHERE tenant_id = %s AND expires_at IS NULL",
                         (tenant_id,)).fetchone()
 
 
-def current_secret(pool: ConnectionPool, tenant_id) -> dict:
+def current_secret(pool: ConnectionPool, tenant_id, box: SecretBox = PLAIN) -> dict:
     """The tenant's current secret row, created on first use."""
     with pool.connection() as conn:
         row = _current(conn, tenant_id)
         if row is None:
             conn.execute("""INSERT INTO webhook_secrets (tenant_id, secret) VALUES (%s, %s)
                             ON CONFLICT (tenant_id) WHERE expires_at IS NULL DO NOTHING""",
-                         (tenant_id, new_secret()))
+                         (tenant_id, box.seal(new_secret())))
             row = _current(conn, tenant_id)
-        return row
+        return _opened(row, box)
 
 
-def previous_secrets(pool: ConnectionPool, tenant_id) -> list[dict]:
+def previous_secrets(pool: ConnectionPool, tenant_id, box: SecretBox = PLAIN) -> list[dict]:
     """Rotated-out secrets that still sign until they expire, newest first."""
     with pool.connection() as conn:
-        return conn.execute("""SELECT * FROM webhook_secrets WHERE tenant_id = %s AND expires_at > now()
-                                ORDER BY created_at DESC""", (tenant_id,)).fetchall()
+        return [_opened(r, box) for r in conn.execute(
+            """SELECT * FROM webhook_secrets WHERE tenant_id = %s AND expires_at > now()
+                ORDER BY created_at DESC""", (tenant_id,)).fetchall()]
 
 
-def rotate_secret(pool: ConnectionPool, tenant_id, overlap_seconds: float) -> dict:
+def rotate_secret(pool: ConnectionPool, tenant_id, overlap_seconds: float, box: SecretBox = PLAIN) -> dict:
     """Replace the current secret; the old one keeps signing for `overlap_seconds`."""
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT 1 FROM tenants WHERE id = %s FOR UPDATE", (tenant_id,))  # one rotation at a time
         conn.execute("DELETE FROM webhook_secrets WHERE tenant_id = %s AND expires_at <= now()", (tenant_id,))
         conn.execute("""UPDATE webhook_secrets SET expires_at = now() + make_interval(secs => %s)
                          WHERE tenant_id = %s AND expires_at IS NULL""", (overlap_seconds, tenant_id))
-        return conn.execute("INSERT INTO webhook_secrets (tenant_id, secret) VALUES (%s, %s) RETURNING *",
-                            (tenant_id, new_secret())).fetchone()
+        return _opened(conn.execute("INSERT INTO webhook_secrets (tenant_id, secret) VALUES (%s, %s) RETURNING *",
+                                    (tenant_id, box.seal(new_secret()))).fetchone(), box)
 
 
-def signing_secrets(pool: ConnectionPool, tenant_id) -> list[str]:
+def signing_secrets(pool: ConnectionPool, tenant_id, box: SecretBox = PLAIN) -> list[str]:
     """Every secret a delivery is signed with now: the current one first, then unexpired old ones."""
     with pool.connection() as conn:
         rows = conn.execute("""SELECT secret, expires_at FROM webhook_secrets
                                 WHERE tenant_id = %s AND (expires_at IS NULL OR expires_at > now())
                                 ORDER BY expires_at IS NULL DESC, created_at DESC""", (tenant_id,)).fetchall()
     if not rows or rows[0]["expires_at"] is not None:
-        return [current_secret(pool, tenant_id)["secret"], *(r["secret"] for r in rows)]
-    return [r["secret"] for r in rows]
+        return [current_secret(pool, tenant_id, box)["secret"], *(box.open(r["secret"]) for r in rows)]
+    return [box.open(r["secret"]) for r in rows]
+
+
+def seal_stored_secrets(pool: ConnectionPool, box: SecretBox) -> int:
+    """Seal every secret stored bare (written before a key was configured); returns how many."""
+    with pool.connection() as conn, conn.transaction():
+        rows = conn.execute("SELECT ctid, secret FROM webhook_secrets WHERE secret NOT LIKE 'sealed:%%' FOR UPDATE"
+                            ).fetchall()
+        for row in rows:
+            conn.execute("UPDATE webhook_secrets SET secret = %s WHERE ctid = %s", (box.seal(row["secret"]), row["ctid"]))
+    return len(rows)
 
 
 # --- endpoints ----------------------------------------------------------------------------------
