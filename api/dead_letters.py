@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from api.auth import authenticate
 from api.errors import ApiError
+from api.limits import count_replay
 from api.paging import limit_arg
 from tasks.jobs import dead_letters, lifecycle
 from tasks.jobs.resource import timestamp
@@ -48,6 +49,9 @@ def list_():
 @bp.post("/<uuid:letter_id>/replay")
 def replay(letter_id: uuid.UUID):
     """Send the job round again as a new attempt, with a fresh budget of attempts."""
+    services = current_app.extensions["switchyard"]
+    count_replay(services.redis, g.tenant.id,
+                 g.tenant.limits.get("replays_per_day", services.settings.tenant_replays_per_day))
     job = lifecycle.replay(current_app.extensions["switchyard"].celery, letter_id, _scope())
     if job is None:
         raise ApiError(404, "Not Found", f"no unreplayed dead letter {letter_id}")

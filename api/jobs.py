@@ -184,8 +184,10 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
                        errors=[{"field": "max_attempts", "message": f"at most {ceiling} for this tenant"}])
     max_attempts = job.max_attempts or min(settings.max_attempts, ceiling)
     # The rate is charged for a valid request only, right before it is stored.
-    g.rate_headers = services.submit_rate.take(g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
-                                               limits.get("submit_burst", settings.tenant_submit_burst))
+    g.rate_headers = services.submit_rate.take(
+        g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
+        limits.get("submit_burst", settings.tenant_submit_burst), max_tokens=sampling["max_tokens"],
+        tokens_per_minute=limits.get("output_tokens_per_minute", settings.tenant_output_tokens_per_minute))
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,

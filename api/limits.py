@@ -59,27 +59,65 @@ if allowed == 0 then wait = (cost - tokens) / rate end
 return {allowed, tostring(tokens), tostring(wait), tostring((burst - tokens) / rate)}
 """
 SUBMITS_KEY = "switchyard:submits:{}"
+TOKENS_KEY = "switchyard:output-tokens:{}"
+REPLAYS_KEY = "switchyard:replays:{}:{}"  # tenant, UTC day
+
+
+def count_replay(client: redis.Redis, tenant_id, per_day: int) -> None:
+    """One dead-letter replay of the tenant's today (UTC); ApiError 429 past `per_day`."""
+    day = time.strftime("%Y%m%d", time.gmtime())
+    key = REPLAYS_KEY.format(tenant_id, day)
+    with client.pipeline() as pipe:
+        done, _ = pipe.incr(key).expire(key, 2 * 86400).execute()
+    if done > per_day:
+        client.decr(key)
+        until_midnight = 86400 - int(time.time()) % 86400
+        raise ApiError(429, "Too Many Requests", f"this tenant may replay {per_day} dead letters a day (UTC); "
+                       "the count starts again at midnight UTC", headers={"Retry-After": str(until_midnight)})
 
 
 class SubmitRate:
-    """The per-tenant submission bucket: `rate` per second, up to `burst` at once."""
+    """Per-tenant token buckets for submissions: jobs (`rate` per second, up to `burst` at once) and
+    output tokens (a job's max_tokens, `per_minute`). Both are checked before a job is stored."""
 
     def __init__(self, client: redis.Redis):
         self._take = client.register_script(_BUCKET)
+        self._redis = client
 
-    def take(self, tenant_id, rate: float, burst: int) -> dict:
-        """One submission's token: the RateLimit headers to answer with; ApiError 429 when refused."""
-        allowed, left, wait, full = self._take(keys=[SUBMITS_KEY.format(tenant_id)], args=[rate, burst, 1])
+    def take(self, tenant_id, rate: float, burst: int, *, max_tokens: int = 0, tokens_per_minute: int = 0) -> dict:
+        """One job's share of both buckets: the RateLimit headers to answer with; ApiError 429 when either
+        refuses (the job bucket is given its token back when only the token bucket refused)."""
+        headers = self._one(SUBMITS_KEY.format(tenant_id), "submits", rate, burst, 1,
+                            f"this tenant may submit {burst} jobs at once and {rate:g} per second after that")
+        if tokens_per_minute and max_tokens:
+            try:
+                self._one(TOKENS_KEY.format(tenant_id), "output-tokens", tokens_per_minute / 60, tokens_per_minute,
+                          max_tokens, f"this tenant may ask for {tokens_per_minute} output tokens (max_tokens) per "
+                          "minute")
+            except ApiError:
+                self._refund(SUBMITS_KEY.format(tenant_id), burst)
+                raise
+        return headers
+
+    def _one(self, key: str, name: str, rate: float, burst: int, cost: int, what: str) -> dict:
+        allowed, left, wait, full = self._take(keys=[key], args=[rate, burst, cost])
         left, wait, full = float(left), float(wait), float(full)
         window = max(1, math.ceil(burst / rate))
-        headers = {"RateLimit-Policy": f'"submits";q={burst};w={window}',
-                   "RateLimit": f'"submits";r={int(left)};t={math.ceil(wait if not allowed else full)}'}
+        headers = {"RateLimit-Policy": f'"{name}";q={burst};w={window}',
+                   "RateLimit": f'"{name}";r={int(left)};t={math.ceil(wait if not allowed else full)}'}
         if not allowed:
             retry = max(1, math.ceil(wait))
-            raise ApiError(429, "Too Many Requests",
-                           f"this tenant may submit {burst} jobs at once and {rate:g} per second after that; "
-                           f"retry in {retry} s (nothing was stored)", headers={**headers, "Retry-After": str(retry)})
+            if cost > burst:
+                raise ApiError(429, "Too Many Requests", f"{what}; this job alone asks for {cost}: lower max_tokens",
+                               headers=headers)
+            raise ApiError(429, "Too Many Requests", f"{what}; retry in {retry} s (nothing was stored)",
+                           headers={**headers, "Retry-After": str(retry)})
         return headers
+
+    def _refund(self, key: str, burst: int) -> None:
+        self._redis.eval("local t = tonumber(redis.call('HGET', KEYS[1], 'tokens'))"
+                         " if t then redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(t + 1, tonumber(ARGV[1])))) end",
+                         1, key, burst)
 
 
 class WaitSlots:

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     limits.add_argument("name")
     limits.add_argument("--submit-rate", help="jobs per second after the burst (default SWITCHYARD_TENANT_SUBMIT_RATE)")
     limits.add_argument("--submit-burst", help="jobs at once (default SWITCHYARD_TENANT_SUBMIT_BURST)")
+    limits.add_argument("--output-tokens-per-minute",
+                        help="the jobs' max_tokens per minute (default SWITCHYARD_TENANT_OUTPUT_TOKENS_PER_MINUTE)")
+    limits.add_argument("--replays-per-day", help="dead-letter replays per UTC day (default "
+                                                  "SWITCHYARD_TENANT_REPLAYS_PER_DAY)")
     limits.add_argument("--max-attempts", help="the most attempts a job may ask for (default 20)")
     limits.add_argument("--max-waits", help="concurrent long-polls (default SWITCHYARD_MAX_WAITS_PER_TENANT)")
     replay = sub.add_parser("replay-dead-letters", help="re-submit dead jobs (every open dead letter by default)")

@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     # operator overrides these (and max_attempts, max_waits) per tenant: `python -m ops.admin set-limits`.
     tenant_submit_rate: float = Field(200.0, gt=0)
     tenant_submit_burst: int = Field(2_000, ge=1)
+    tenant_output_tokens_per_minute: int = Field(2_000_000, ge=1)  # the sum of the jobs' max_tokens
+    tenant_replays_per_day: int = Field(10_000, ge=1)  # dead-letter replays, per UTC day
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
     # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.

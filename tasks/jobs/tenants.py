@@ -16,7 +16,8 @@ def hash_api_key(key: str) -> bytes:
 
 
 #: the limits an operator may set per tenant (the rest of the tenant's limits are the defaults)
-LIMIT_NAMES = ("submit_rate", "submit_burst", "max_attempts", "max_waits")
+LIMIT_NAMES = ("submit_rate", "submit_burst", "output_tokens_per_minute", "max_attempts", "max_waits",
+               "replays_per_day")
 
 
 #: what a key may do: read jobs (and collections, dead letters, nodes), submit and cancel them, manage
