@@ -63,8 +63,8 @@ def _check_model(job: JobRequest) -> str:
     return model
 
 
-def _fit_to_context(job: JobRequest, request_dict: dict) -> int:
-    """Count the prompt with the model's tokenizer; return the max_tokens to use."""
+def _fit_to_context(job: JobRequest, request_dict: dict) -> tuple[int, int]:
+    """Count the prompt with the model's tokenizer; return (prompt tokens, the max_tokens to use)."""
     settings = _services().settings
     context = settings.max_model_len
     try:
@@ -77,12 +77,12 @@ def _fit_to_context(job: JobRequest, request_dict: dict) -> int:
                        errors=[{"field": "messages" if job.messages else "prompt", "message": "too long"}])
     room = context - n_prompt
     if job.max_tokens is None:
-        return min(settings.default_max_tokens, room)
+        return n_prompt, min(settings.default_max_tokens, room)
     if job.max_tokens > room:
         raise ApiError(422, "Prompt too long", f"the prompt is {n_prompt} tokens, so at most {room} output tokens "
                        f"fit in the model's {context}-token context; lower max_tokens to {room} or less",
                        errors=[{"field": "max_tokens", "message": f"at most {room} for this prompt"}])
-    return job.max_tokens
+    return n_prompt, job.max_tokens
 
 
 def _check_seed(job: JobRequest, model: str) -> None:
@@ -118,6 +118,22 @@ def _check_rag(job: JobRequest) -> dict | None:
                 raise ApiError(422, "Embedding model mismatch", message + "; use mode `keyword` or another collection",
                                errors=[{"field": "rag.collections", "message": message}])
     return rag
+
+
+def _check_active(limits: dict, prompt_tokens: int) -> None:
+    """The tenant's active jobs and the prompt tokens they hold stay under its caps (429 beyond). One
+    count at submit: concurrent submits may pass it together, so a cap can be overshot by as many."""
+    settings = _services().settings
+    max_jobs = limits.get("max_active_jobs", settings.tenant_max_active_jobs)
+    max_tokens = limits.get("max_queued_prompt_tokens", settings.tenant_max_queued_prompt_tokens)
+    active, tokens = store.active_load(_services().pool, g.tenant.id)
+    if active + 1 > max_jobs:
+        raise ApiError(429, "Too Many Requests", f"this tenant has {active} jobs not finished yet, its limit is "
+                       f"{max_jobs}; wait for some to finish (nothing was stored)", headers={"Retry-After": "5"})
+    if tokens + prompt_tokens > max_tokens:
+        raise ApiError(429, "Too Many Requests", f"this tenant's unfinished jobs hold {tokens} prompt tokens; with "
+                       f"this one's {prompt_tokens} that passes its limit of {max_tokens} (nothing was stored)",
+                       headers={"Retry-After": "5"})
 
 
 def _idempotency(body: dict) -> tuple[str, bytes, int] | None:
@@ -171,7 +187,7 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     model = _check_model(job)
     request_dict = job.model_dump(include={"messages", "prompt"}, exclude_none=True)
     sampling = job.sampling()
-    sampling["max_tokens"] = _fit_to_context(job, request_dict)
+    prompt_tokens, sampling["max_tokens"] = _fit_to_context(job, request_dict)
     _check_seed(job, model)
     rag = _check_rag(job)
     tenant_default = g.tenant.default_strategy if g.tenant.default_strategy in STRATEGIES else None
@@ -183,6 +199,7 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
                        f"lower max_attempts to {ceiling} or less",
                        errors=[{"field": "max_attempts", "message": f"at most {ceiling} for this tenant"}])
     max_attempts = job.max_attempts or min(settings.max_attempts, ceiling)
+    _check_active(limits, prompt_tokens)
     # The rate is charged for a valid request only, right before it is stored.
     g.rate_headers = services.submit_rate.take(
         g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
@@ -191,7 +208,8 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     try:
         row, created = lifecycle.submit(
             services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
-            request={**request_dict, **sampling, "max_attempts": max_attempts, **({"rag": rag} if rag else {}),
+            request={**request_dict, **sampling, "prompt_tokens": prompt_tokens, "max_attempts": max_attempts,
+                     **({"rag": rag} if rag else {}),
                      **({"cache": True} if job.cache else {})},
             metadata=job.metadata,
             max_attempts=max_attempts, session_id=session_id,

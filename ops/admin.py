@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the jobs' max_tokens per minute (default SWITCHYARD_TENANT_OUTPUT_TOKENS_PER_MINUTE)")
     limits.add_argument("--replays-per-day", help="dead-letter replays per UTC day (default "
                                                   "SWITCHYARD_TENANT_REPLAYS_PER_DAY)")
+    limits.add_argument("--max-active-jobs", help="jobs not finished at once (default SWITCHYARD_TENANT_MAX_ACTIVE_JOBS)")
+    limits.add_argument("--max-queued-prompt-tokens",
+                        help="the prompt tokens unfinished jobs hold (default SWITCHYARD_TENANT_MAX_QUEUED_PROMPT_TOKENS)")
     limits.add_argument("--max-attempts", help="the most attempts a job may ask for (default 20)")
     limits.add_argument("--max-waits", help="concurrent long-polls (default SWITCHYARD_MAX_WAITS_PER_TENANT)")
     replay = sub.add_parser("replay-dead-letters", help="re-submit dead jobs (every open dead letter by default)")

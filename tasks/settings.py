@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     tenant_submit_burst: int = Field(2_000, ge=1)
     tenant_output_tokens_per_minute: int = Field(2_000_000, ge=1)  # the sum of the jobs' max_tokens
     tenant_replays_per_day: int = Field(10_000, ge=1)  # dead-letter replays, per UTC day
+    tenant_max_active_jobs: int = Field(50_000, ge=1)  # queued, routed or running at once
+    tenant_max_queued_prompt_tokens: int = Field(50_000_000, ge=1)  # the prompt tokens those jobs hold
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
     # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.

@@ -135,6 +135,16 @@ def cancel_job(pool: ConnectionPool, job_id, tenant_id, error: dict) -> dict | N
         ).fetchone()
 
 
+def active_load(pool: ConnectionPool, tenant_id) -> tuple[int, int]:
+    """(jobs not finished, the prompt tokens they hold) for one tenant."""
+    with pool.connection() as conn:
+        row = conn.execute(
+            """SELECT count(*) AS jobs, coalesce(sum((request ->> 'prompt_tokens')::int), 0) AS tokens
+                 FROM jobs WHERE tenant_id = %s AND status IN ('queued', 'routed', 'running')""",
+            (tenant_id,)).fetchone()
+    return row["jobs"], row["tokens"]
+
+
 # --- jobs: router and worker side ---------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ def hash_api_key(key: str) -> bytes:
 
 #: the limits an operator may set per tenant (the rest of the tenant's limits are the defaults)
 LIMIT_NAMES = ("submit_rate", "submit_burst", "output_tokens_per_minute", "max_attempts", "max_waits",
-               "replays_per_day")
+               "replays_per_day", "max_active_jobs", "max_queued_prompt_tokens")
 
 
 #: what a key may do: read jobs (and collections, dead letters, nodes), submit and cancel them, manage

@@ -56,3 +56,17 @@ def test_replays_per_day_are_counted_and_capped(api_redis):
         assert exc.status == 429 and "2 dead letters a day" in exc.detail and int(exc.headers["Retry-After"]) > 0
     else:
         raise AssertionError("a third replay was allowed")
+
+
+def test_active_jobs_and_their_prompt_tokens_are_capped(client, api_redis, db, tenant):
+    t, key = tenant
+    tenants.set_limits(db, t.name, {"max_active_jobs": 2})
+    codes = [client.post("/v1/jobs", json={"prompt": "hi", "max_tokens": 4}, headers=auth(key)).status_code
+             for _ in range(3)]
+    assert codes == [202, 202, 429] and job_count(db, t.id) == 2
+    tenants.set_limits(db, t.name, {"max_active_jobs": None, "max_queued_prompt_tokens": 50})
+    import time
+
+    time.sleep(1.1)  # the API remembers a key's limits for a second
+    big = client.post("/v1/jobs", json={"prompt": "word " * 60, "max_tokens": 4}, headers=auth(key))
+    assert big.status_code == 429 and "prompt tokens" in big.get_json()["detail"] and job_count(db, t.id) == 2
