@@ -105,6 +105,7 @@ class Services:
 
 
 def create_app(settings: Settings | None = None) -> Flask:
+    from api.admin import bp as admin_bp
     from api.collections import bp as collections_bp
     from api.dead_letters import bp as dead_letters_bp
     from api.documents import bp as documents_bp
@@ -131,4 +132,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(documents_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openapi_bp)
+    app.register_blueprint(admin_bp)
     return app

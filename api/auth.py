@@ -38,7 +38,7 @@ def required_scope() -> str:
     `jobs:read` to read and `jobs:write` to submit, cancel, replay or change collections."""
     if request.blueprint == "webhooks":
         return "webhooks"
-    if request.blueprint == "nodes" and request.method != "GET":
+    if request.blueprint == "admin" or (request.blueprint == "nodes" and request.method != "GET"):
         return "admin"
     return "jobs:read" if request.method in ("GET", "HEAD") else "jobs:write"
 

@@ -47,3 +47,28 @@ def test_scopes_expiry_rotation_and_revocation(client, api_redis, db, tenant):
     assert _audit(db, t.id) == ["tenant.created", "key.created", "key.created", "key.rotated", "key.revoked"]
     with pytest.raises(ValueError, match="scopes must be"):
         tenants.create_key(db, t.name, scopes=["root"])
+
+
+def test_the_admin_api_sets_limits_and_manages_keys_for_admin_keys_only(client, api_redis, db, tenant):
+    t, key = tenant
+    _, admin_key = tenants.create_tenant(db, "ops-" + t.name, admin=True)
+    assert client.put(f"/v1/admin/tenants/{t.name}/limits", json={"submit_rate": 5}, headers=auth(key)).status_code == 403
+    limits = client.put(f"/v1/admin/tenants/{t.name}/limits", json={"submit_rate": 5, "max_waits": 10},
+                        headers=auth(admin_key))
+    assert limits.status_code == 200 and limits.get_json()["limits"] == {"submit_rate": 5, "max_waits": 10}
+    bad = client.put(f"/v1/admin/tenants/{t.name}/limits", json={"max_waits": 2.5}, headers=auth(admin_key))
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "max_waits"
+    assert client.put("/v1/admin/tenants/nobody/limits", json={"max_waits": 2}, headers=auth(admin_key)).status_code == 404
+
+    made = client.post(f"/v1/admin/tenants/{t.name}/keys", json={"scopes": ["jobs:read"], "name": "ro"},
+                       headers=auth(admin_key))
+    assert made.status_code == 201 and made.get_json()["key"].startswith("sy_")
+    listed = client.get(f"/v1/admin/tenants/{t.name}/keys", headers=auth(admin_key)).get_json()["data"]
+    assert [k["name"] for k in listed] == ["first key", "ro"] and "key" not in listed[1]
+    rotated = client.post(f"/v1/admin/keys/{made.get_json()['id']}/rotate?overlap=0", headers=auth(admin_key))
+    assert rotated.status_code == 201 and rotated.get_json()["scopes"] == ["jobs:read"]
+    assert client.delete(f"/v1/admin/keys/{rotated.get_json()['id']}", headers=auth(admin_key)).get_json()["revoked_at"]
+    with db.connection() as conn:
+        actors = {r["actor"] for r in conn.execute("SELECT actor FROM audit_log WHERE tenant_id = %s AND action <> "
+                                                   "'tenant.created'", (t.id,)).fetchall()}
+    assert actors == {f"key:{admin_key[:10]}"}
