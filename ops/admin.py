@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.admin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending database migrations")
+    role = sub.add_parser("app-role", help="make the least-privileged Postgres role the services connect as "
+                                           "(run as the owner, after migrate); password from SWITCHYARD_APP_DB_PASSWORD")
+    role.add_argument("role")
     sub.add_parser("new-secrets-key", help="print a new key for SWITCHYARD_SECRETS_KEY (seals webhook secrets)")
     sub.add_parser("seal-secrets", help="seal the webhook secrets stored before SWITCHYARD_SECRETS_KEY was set")
     tenant = sub.add_parser("create-tenant", help="create a tenant and print its API key (shown once)")
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
                      "REDIS_URL), or start the local cluster with `make up`")
     if args.command == "migrate":
         migrate(settings.database_url)
+    elif args.command == "app-role":
+        from tasks.db import grant_app_role
+
+        grant_app_role(settings.database_url, args.role, settings.app_db_password)
+        print(f"role {args.role}: rows of every table, no DDL; owns chunks (collection indexes)")
     elif args.command == "seal-secrets":
         from tasks.webhooks.sealing import SecretBox
         from tasks.webhooks.store import seal_stored_secrets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -46,3 +47,29 @@ def migrate(database_url: str, *, log=print) -> list[str]:
     applied = [m.id for m in pending]
     log(f"migrations: applied {applied or 'nothing (up to date)'}")
     return applied
+
+
+def grant_app_role(database_url: str, role: str, password: str | None = None) -> None:
+    """Make (or update) the least-privileged role the services connect as, on a migrated database.
+
+    It may read and write rows of every table (no DDL on them: it cannot drop, alter or truncate them),
+    use the sequences, and own `chunks` alone, because making a collection builds that collection's
+    HNSW index on it (CREATE INDEX CONCURRENTLY needs the table's owner and CREATE on the schema). Migrations keep running as the owner
+    role; run this after each migration, as the compose file's `migrate` service does."""
+    from psycopg import sql
+
+    ident = sql.Identifier(role)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        if password:
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(conn.info.dbname), ident))
+        # CREATE on the schema: an index lives in its table's schema. It lets the role add objects of its
+        # own, never alter or drop the owner's tables.
+        conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("ALTER TABLE chunks OWNER TO {}").format(ident))

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
                                                                      43200)
     webhook_retry_jitter: float = Field(0.2, ge=0, lt=1)  # each delay is scaled by 1 ± this, at random
     webhook_secret_overlap: int = Field(86400, ge=0)  # seconds the old secret still signs after a rotation
+    # The password `python -m ops.admin app-role` gives the services' least-privileged Postgres role.
+    app_db_password: str | None = None
     # Fernet key sealing webhook signing secrets at rest (tasks/webhooks/sealing.py); None: stored bare.
     secrets_key: str | None = None
     webhook_concurrency: int = Field(16, ge=1)  # deliveries sent at once by one webhooks worker

@@ -122,9 +122,16 @@ def test_postgres_matches_the_database_url(compose):
     pg = compose["services"]["postgres"]
     assert pg["image"].startswith("pgvector/pgvector:")
     env = _environment(pg)
-    url = _environment(compose["services"]["api"])["DATABASE_URL"]
-    assert re.fullmatch(rf"postgresql://postgres:\$\{{[^}}]+\}}@postgres:5432/{env['POSTGRES_DB']}", url), url
-    assert _secret(url) == _secret(env["POSTGRES_PASSWORD"]) == "SWITCHYARD_POSTGRES_PASSWORD"
+    owner = _environment(compose["services"]["migrate"])["DATABASE_URL"]
+    assert re.fullmatch(rf"postgresql://postgres:\$\{{[^}}]+\}}@postgres:5432/{env['POSTGRES_DB']}", owner), owner
+    assert _secret(owner) == _secret(env["POSTGRES_PASSWORD"]) == "SWITCHYARD_POSTGRES_PASSWORD"
+    # every other service connects as the least-privileged role the migrate service makes
+    assert "app-role switchyard_app" in " ".join(_argv(compose["services"]["migrate"]["command"]))
+    for name in APP_SERVICES:
+        if name != "migrate":
+            url = _environment(compose["services"][name])["DATABASE_URL"]
+            assert re.fullmatch(rf"postgresql://switchyard_app:\$\{{[^}}]+\}}@postgres:5432/{env['POSTGRES_DB']}", url)
+            assert _secret(url) == "SWITCHYARD_APP_DB_PASSWORD"
     assert "pg_isready" in " ".join(_argv(pg["healthcheck"]["test"]))
 
 
@@ -138,7 +145,8 @@ def test_secrets_come_from_the_environment_and_flower_is_guarded(compose):
     assert _secret(_environment(flower)["FLOWER_BASIC_AUTH"]) == "SWITCHYARD_FLOWER_LOGIN"
     assert [str(p) for p in flower["ports"]] == ["127.0.0.1:5555:5555"]  # loopback only
     example = (REPO / "ops" / "compose.env.example").read_text()
-    for name in ("SWITCHYARD_POSTGRES_PASSWORD", "SWITCHYARD_REDIS_PASSWORD", "SWITCHYARD_FLOWER_LOGIN"):
+    for name in ("SWITCHYARD_POSTGRES_PASSWORD", "SWITCHYARD_APP_DB_PASSWORD", "SWITCHYARD_REDIS_PASSWORD",
+                 "SWITCHYARD_FLOWER_LOGIN", "SWITCHYARD_SECRETS_KEY"):
         assert f"{name}=" in example
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
@@ -198,6 +206,12 @@ def test_entry_modules_exist(compose):
         if "command" not in service:
             continue
         argv = _argv(service["command"])
+        if argv[:2] == ["sh", "-c"]:  # a shell line: its `python -m X` commands
+            modules = re.findall(r"python -m ([\w.]+)", argv[2])
+            for module in modules:
+                assert _module_file(module), f"{name}: module {module} has no file in the repository"
+                checked.append(module)
+            continue
         if argv[0].startswith("python") and "-m" in argv:
             modules = [argv[argv.index("-m") + 1]]
         elif argv[0] == "gunicorn":
