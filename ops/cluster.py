@@ -285,6 +285,7 @@ def up(args) -> None:
     # The local receiver is on loopback, which the SSRF guard refuses unless it is allow-listed.
     env["SWITCHYARD_WEBHOOK_ALLOW"] = ",".join([*_SETTINGS.webhook_allow, f"127.0.0.1:{RECEIVER_PORT}"])
     env["SWITCHYARD_SECRETS_KEY"] = _SETTINGS.secrets_key or secrets_key()
+    env.setdefault("SWITCHYARD_LOG_FORMAT", "text")  # the quickstart's logs are read by people
     (HOME / "env").write_text("".join(f"export {k}={v}\n" for k, v in urls.items()))
     procs = group(env)
     for name, argv in processes(env).items():

@@ -30,4 +30,7 @@ def on_starting(_server):
 
 def post_worker_init(worker):
     # Each worker (after fork and gevent's patching) opens its pools and loads the tokenizer now.
+    from tasks.logs import configure
+
+    configure(_settings.log_format)
     worker.wsgi.extensions["switchyard"].warm_up()

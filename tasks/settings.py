@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # bounds, too, how long parsing and chunking one document may take before another run takes over.
     ingest_stall_after: float = Field(300.0, gt=0)
 
+    # Log lines: `json` (one object per line) or `text` (tasks/logs.py).
+    log_format: Literal["json", "text"] = "json"
+
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"
     api_workers: int = Field(2, ge=1)

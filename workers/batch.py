@@ -14,6 +14,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
+from tasks.logs import job_fields
 from tasks.errors import ErrorKind, JobError
 from tasks.prompting import prompt_token_ids
 from workers.engine import EngineError
@@ -54,7 +55,8 @@ def _report(on_outcome, outcome: Outcome) -> None:
     try:
         on_outcome(outcome)
     except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
-        log.exception("job %s: could not record its outcome", outcome.job["id"])
+        log.exception("job %s: could not record its outcome", outcome.job["id"],
+                      extra=job_fields(outcome.job["id"], outcome.job.get("attempt")))
 
 
 class BatchCore:
@@ -74,7 +76,7 @@ class BatchCore:
         """Abort a job's generation if it runs here."""
         rid = self._inflight.get(job_id)
         if rid is not None:
-            log.info("job %s was cancelled: aborting its generation", job_id)
+            log.info("job %s was cancelled: aborting its generation", job_id, extra=job_fields(job_id))
             self.engine.abort(rid)
 
     def run(self, jobs: list[dict], on_outcome) -> None:
@@ -125,7 +127,7 @@ class BatchCore:
                 self._restart(generation)
             return Outcome(job, error=exc.job_error(), seconds=seconds)
         except Exception as exc:  # noqa: BLE001 - an engine failure nobody classified: worth another attempt
-            log.exception("job %s: unrecognised engine failure", job["id"])
+            log.exception("job %s: unrecognised engine failure", job["id"], extra=job_fields(job["id"], job.get("attempt")))
             return Outcome(job, error=JobError(ErrorKind.ENGINE_ERROR, f"the engine failed: {exc!r}"), seconds=seconds)
         result = result_of(completion)
         if job.get("rag_result") is not None:  # a RAG job: its citations and what retrieval found

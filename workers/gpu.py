@@ -17,6 +17,7 @@ from tasks.errors import ErrorKind, JobError
 from tasks.jobs import lifecycle, notify, stranded
 from tasks.names import node_queue
 from tasks.routing import registry
+from tasks.logs import configure as configure_logs
 from tasks.settings import Settings
 
 log = logging.getLogger("workers.gpu")
@@ -110,8 +111,8 @@ def _make_retrieval(app, tokenizer):
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
+    configure_logs(settings.log_format)
     # The CPU backend otherwise wants 92 % of a memory node free and refuses to start.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

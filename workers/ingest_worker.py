@@ -14,14 +14,15 @@ from tasks.celery_app import create_celery
 from tasks.db import make_pool
 from tasks.ingest.task import settings_embedder
 from tasks.names import INGEST_QUEUE
+from tasks.logs import configure as configure_logs
 from tasks.settings import Settings
 
 log = logging.getLogger("workers.ingest_worker")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
+    configure_logs(settings.log_format)
     app = create_celery(settings)
     app.db = make_pool(settings.database_url, max_size=settings.ingest_concurrency + 2, name="ingest")
     embedder = settings_embedder(settings)

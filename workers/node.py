@@ -15,6 +15,7 @@ import logging
 import threading
 from contextlib import contextmanager
 
+from tasks.logs import job_fields
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.jobs import lifecycle, store
 from tasks.retry import ride_out
@@ -102,7 +103,8 @@ class Node:
                 # Marked running only once it has the engine to itself: if it crashes the node again,
                 # no job merely waiting behind it is blamed.
                 with self._gate.exclusive():
-                    log.warning("job %s was running in %d crashes: running it alone", item[0], crashes[str(item[0])])
+                    log.warning("job %s was running in %d crashes: running it alone", item[0], crashes[str(item[0])],
+                                extra=job_fields(item[0], item[1], self.node_id))
                     self.core.run(self._retrieve(self._start([item])), self._record)
 
     def _durably(self, fn, what: str):
@@ -150,7 +152,7 @@ class Node:
                               f"recording job {job['id']}")
         except TRANSIENT:
             log.error("job %s: Postgres unreachable past the outage tolerance; parking its outcome in Redis",
-                      job["id"])
+                      job["id"], extra=job_fields(job["id"], job.get("attempt"), self.node_id))
             self._durably(lambda: lifecycle.park(self.app, job, self.node_id, result=outcome.result, error=error),
                           f"parking job {job['id']}")
 

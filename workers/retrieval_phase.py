@@ -19,6 +19,7 @@ from dataclasses import asdict
 from retrieval.context import build_context
 from retrieval.errors import ModelMismatch, NotFound
 from retrieval.search import search_many
+from tasks.logs import job_fields
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.prompting import prompt_token_ids
 
@@ -146,7 +147,8 @@ def _error_of(job: dict, exc: Exception) -> JobError:
     if isinstance(exc, (NotFound, ModelMismatch)):
         return JobError(ErrorKind.INVALID_REQUEST, f"retrieval refused the job: {exc}")
     if isinstance(exc, TRANSIENT):
-        log.warning("job %s: retrieval met Postgres unreachable: %r", job["id"], exc)
+        log.warning("job %s: retrieval met Postgres unreachable: %r", job["id"], exc,
+                    extra=job_fields(job["id"], job.get("attempt")))
         return JobError(ErrorKind.RETRIEVAL_UNAVAILABLE, f"retrieval failed, Postgres unreachable: {exc}")
-    log.error("job %s: retrieval failed: %r", job["id"], exc)
+    log.error("job %s: retrieval failed: %r", job["id"], exc, extra=job_fields(job["id"], job.get("attempt")))
     return JobError(ErrorKind.RETRIEVAL_UNAVAILABLE, f"retrieval failed: {exc!r}")

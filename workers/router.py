@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 
 from tasks.celery_app import create_celery
 from tasks.jobs.reconciler import reconcile_forever
 from tasks.names import route_queue
 from tasks.routing.strategies import NAMES as STRATEGIES
+from tasks.logs import configure as configure_logs
 from tasks.settings import Settings
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
+    configure_logs(settings.log_format)
     app = create_celery(settings)
     stop = reconcile_forever(app)
     try:

@@ -15,13 +15,14 @@ from celery.signals import worker_shutting_down
 from tasks.celery_app import create_celery
 from tasks.db import make_pool
 from tasks.names import WEBHOOKS_QUEUE
+from tasks.logs import configure as configure_logs
 from tasks.settings import Settings
 from tasks.webhooks.dispatcher import Dispatcher
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env().require_urls()
+    configure_logs(settings.log_format)
     app = create_celery(settings)
     app.db = make_pool(settings.database_url, max_size=settings.webhook_concurrency + 2, name="webhooks")
     stop = threading.Event()

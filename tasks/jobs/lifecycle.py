@@ -30,6 +30,7 @@ import redis as redis_lib
 from tasks.errors import TRANSIENT, ErrorKind, JobError, QueueUnavailable
 from tasks.jobs import cache, dead_letters, notify, store, stranded
 from tasks.jobs.status import JobStatus
+from tasks.logs import job_fields
 from tasks.names import GENERATE_TASK, ROUTE_TASK, node_queue, route_queue
 from tasks.retry import backoff
 from tasks.routing import registry
@@ -201,7 +202,8 @@ def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay:
     if row is None:
         return None
     if row["status"] == JobStatus.QUEUED.value:
-        log.warning("job %s: attempt %d in %.1f s", job["id"], row["attempt"], delay)
+        log.warning("job %s: attempt %d in %.1f s", job["id"], row["attempt"], delay,
+                    extra=job_fields(job["id"], row["attempt"], node_id))
         _publish(app, row, countdown=delay)
     else:
         _wake(app, job["id"])

@@ -38,6 +38,7 @@ from redis.exceptions import LockError
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.ingest import recovery as ingest_recovery
 from tasks.jobs import lifecycle, retention, stranded
+from tasks.logs import job_fields
 from tasks.names import node_queue, route_queue
 from tasks.routing import registry
 from tasks.routing.strategies import NAMES as STRATEGIES
@@ -175,7 +176,8 @@ class Reconciler:
         for job in suspects:
             if registry.member(job["id"], job["attempt"]) not in present:
                 self._still_mine()
-                log.warning("job %s: routed to %s but its message is gone; sending it again", job["id"], job["node_id"])
+                log.warning("job %s: routed to %s but its message is gone; sending it again", job["id"], job["node_id"],
+                            extra=job_fields(job["id"], job["attempt"], job["node_id"]))
                 lifecycle.send_to_node(self.app, job["id"], job["attempt"], job["node_id"])
                 resent += 1
         return resent
