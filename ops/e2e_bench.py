@@ -17,6 +17,9 @@ model) goes, in one run and one after another on this machine, through:
      `cache: true`); half of it is run first, not measured, then the whole of it is measured with
      long-polls, so about half the jobs can be answered from the cache. Reported: the hit rate and the
      engine time the hits saved (their source jobs' started → finished).
+   Its GPU worker runs vLLM in eager mode (SWITCHYARD_ENFORCE_EAGER's default: the model loads in half
+   the time); `switchyard-compiled` runs the long-poll clients once more on a worker in vLLM's
+   compiled mode, like the two baselines, so both are compared in the same run.
 
 Every user starts at the same moment. Reported per system: completed for the client (the client
 learned the final answer), connection errors, jobs/s and output tokens/s (over the span from the
@@ -270,7 +273,7 @@ class _Receiver:
         await self._runner.cleanup()
 
 
-def run_switchyard(args, reqs: list[dict], workdir: Path) -> list[dict]:
+def run_switchyard(args, reqs: list[dict], workdir: Path, *, eager: bool, modes: list[str]) -> list[dict]:
     from ops.services import EmbeddedPostgres, EmbeddedValkey, free_port
     from ops.testbed import Cluster, fresh_database
     from tasks.jobs import tenants
@@ -280,17 +283,21 @@ def run_switchyard(args, reqs: list[dict], workdir: Path) -> list[dict]:
     valkey = EmbeddedValkey(workdir / "valkey", free_port()).start()
     cluster = Cluster(workdir / "logs", database_url=fresh_database(pg.url), redis_url=valkey.url,
                       model_path=args.model, fast=False, webhook_allow=f"127.0.0.1:{receiver_port}",
-                      kv_cache_gib=KV_CACHE_GIB, enforce_eager=str(args.eager_workers).lower(),
+                      kv_cache_gib=KV_CACHE_GIB, enforce_eager=str(eager).lower(),
                       max_waits_per_tenant=max(5000, len(reqs)))
     results = []
     try:
-        say("Switchyard: starting the API, the router, a GPU worker (vLLM) and the webhooks worker")
+        say("Switchyard: starting the API, the router, a GPU worker (vLLM, "
+            f"{'eager' if eager else 'compiled'}) and the webhooks worker")
+        booted = time.monotonic()
         cluster.start_api()
         cluster.start_router()
         cluster.start_worker("bench-gpu-0", simulated=False)
         cluster.start("webhooks", [sys.executable, "-m", "workers.webhook_worker"])
         cluster.wait_api()
         cluster.wait_nodes(["bench-gpu-0"], timeout=600)
+        startup = time.monotonic() - booted
+        say(f"Switchyard: ready in {startup:.0f} s (the GPU worker's model load included)")
         def bench_tenant(name: str) -> str:
             """A tenant per mode: its own prefix-cache salt, so no mode finds the prompts cached by the
             one before (the vLLM server and raw vLLM see each prompt once too)."""
@@ -301,8 +308,8 @@ def run_switchyard(args, reqs: list[dict], workdir: Path) -> list[dict]:
 
         # The engine's first requests are slow (allocation, warm caches): as for raw vLLM, not measured.
         asyncio.run(_switchyard_mode(cluster.api, bench_tenant("warm-up"), reqs[-8:], "long-poll", receiver_port))
-        for mode in args.modes:
-            key = bench_tenant(f"bench-{mode}")
+        for mode in modes:
+            key = bench_tenant(f"bench-{mode}-{'eager' if eager else 'compiled'}")
             todo = reqs
             if mode == "cache":
                 todo = [{**r, "temperature": 0, "cache": True} for r in reqs]
@@ -312,8 +319,11 @@ def run_switchyard(args, reqs: list[dict], workdir: Path) -> list[dict]:
             rows = asyncio.run(_switchyard_mode(cluster.api, key, todo, "long-poll" if mode == "cache" else mode,
                                                 receiver_port))
             phases = _phases(cluster, rows)  # also fills in each row's tokens and status from its job
-            out = summarize(f"Switchyard ({mode})", rows, n=len(todo))
+            label = f"Switchyard ({mode}{'' if eager else ', compiled'})"
+            out = summarize(label, rows, n=len(todo))
             out["phases"] = phases
+            out["startup_s"] = startup
+            out["engine_mode"] = "eager" if eager else "compiled"
             if mode == "cache":
                 out["cache"] = _cache_effect(cluster, rows)
                 say(f"Switchyard (cache): {out['cache']['hits']} hits of {len(rows)} "
@@ -485,10 +495,12 @@ def write_report(args, results: list[dict], started: dt.datetime, minutes: float
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m ops.e2e_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="300 users, long-poll and webhook only (~8 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="300 users, Switchyard by long-poll and webhook, no compiled-worker run (~8 min)")
     p.add_argument("--users", type=int, default=None, help="concurrent users (default 1000; --quick 300)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--systems", default="raw,server,switchyard", help="comma-separated subset")
+    p.add_argument("--systems", default="raw,server,switchyard,switchyard-compiled",
+                   help="comma-separated subset of raw, server, switchyard, switchyard-compiled")
     p.add_argument("--modes", default=None, help="Switchyard client modes (default: long-poll,poll,webhook,cache)")
     p.add_argument("--eager-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="Switchyard's GPU worker in vLLM eager mode (its default) or compiled")
@@ -507,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     args.users = args.users or (300 if args.quick else 1000)
     args.modes = (args.modes or ("long-poll,webhook" if args.quick else ",".join(SWITCHYARD_MODES))).split(",")
     systems = args.systems.split(",")
+    if args.quick and args.systems == p.get_default("systems"):
+        systems.remove("switchyard-compiled")
     reqs = workload(args.users, args.seed)
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
     results: list[dict] = []
@@ -517,7 +531,11 @@ def main(argv: list[str] | None = None) -> None:
         if "server" in systems:
             results.append(run_server(args, reqs, workdir / "server"))
         if "switchyard" in systems:
-            results.extend(run_switchyard(args, reqs, workdir / "switchyard"))
+            results.extend(run_switchyard(args, reqs, workdir / "switchyard", eager=args.eager_workers,
+                                          modes=args.modes))
+        if "switchyard-compiled" in systems:  # the GPU worker in vLLM's compiled mode, long-poll clients
+            results.extend(run_switchyard(args, reqs, workdir / "switchyard-compiled", eager=False,
+                                          modes=["long-poll"]))
     minutes = (time.monotonic() - t0) / 60
     print("\n" + table(results) + "\n\n" + phase_table(results) + "\n")
     for line in ratios(results):
