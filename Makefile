@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: up down status test bench install model clean
+.PHONY: up down status test bench bench-rag install model clean
 
 up: install          ## start the whole local system and run sample jobs
 	$(PY) -m ops.cluster up
@@ -22,6 +22,10 @@ test: install model  ## run the whole test suite (starts its own Postgres, Valke
 bench: install model ## routing benchmark (~10 min; BENCH_ARGS=--quick ~2 min): writes docs/bench/routing.{md,png}
 	$(PY) -m pip install --progress-bar off -q -e '.[bench]'
 	$(PY) -m ops.bench $(BENCH_ARGS)
+
+bench-rag: install   ## retrieval benchmark (~45 min; BENCH_ARGS=--quick ~2 min): writes docs/bench/retrieval.{md,png}
+	$(PY) -m pip install --progress-bar off -q -e '.[bench]'
+	$(PY) -m ops.rag_bench $(BENCH_ARGS)
 
 model: install       ## convert the GGUF model once into ~/.cache/switchyard
 	$(PY) -m workers.model
