@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: up down status test bench bench-e2e install model clean
+.PHONY: up down status test bench bench-rag bench-e2e bench-capacity install model clean
 
 up: install          ## start the whole local system and run sample jobs
 	$(PY) -m ops.cluster up
@@ -23,9 +23,16 @@ bench: install model ## routing benchmark (~10 min; BENCH_ARGS=--quick ~2 min): 
 	$(PY) -m pip install --progress-bar off -q -e '.[bench]'
 	$(PY) -m ops.bench $(BENCH_ARGS)
 
-bench-e2e: install model ## end to end vs vLLM (~15 min; BENCH_ARGS=--quick ~8 min): writes docs/bench/e2e.{md,json,png}
+bench-rag: install   ## retrieval benchmark (~45 min; BENCH_ARGS=--quick ~2 min): writes docs/bench/retrieval.{md,png}
+	$(PY) -m pip install --progress-bar off -q -e '.[bench]'
+	$(PY) -m ops.rag_bench $(BENCH_ARGS)
+
+bench-e2e: install model ## end to end vs vLLM (~20 min; BENCH_ARGS=--quick ~8 min): writes docs/bench/e2e.{md,json,png}
 	$(PY) -m pip install --progress-bar off -q -e '.[bench]'
 	$(PY) -m ops.e2e_bench $(BENCH_ARGS)
+
+bench-capacity: install model ## orchestration capacity, SimulatedEngine (~5 min; BENCH_ARGS=--quick): docs/bench/capacity.{md,json}
+	$(PY) -m ops.capacity_bench $(BENCH_ARGS)
 
 model: install       ## convert the GGUF model once into ~/.cache/switchyard
 	$(PY) -m workers.model
