@@ -19,7 +19,10 @@ from retrieval.embedding import check_model
 
 MODES = ("vector", "keyword", "hybrid")
 RRF_K = 60  # the constant of reciprocal rank fusion: score = sum of 1 / (RRF_K + rank)
-DEFAULT_EF_SEARCH = 40  # pgvector's default
+# The HNSW candidate list per query. pgvector's default, 40, found 0.914 of the exact 10 nearest chunks
+# at 10k chunks and 0.856 at 100k in `make bench-rag` (docs/bench/retrieval.md); 320 found 0.992 and
+# 0.965 for 4.4 and 15.5 ms of SQL (p50). Quality first: 320, unless SWITCHYARD_HNSW_EF_SEARCH says less.
+DEFAULT_EF_SEARCH = 320
 # An iterative scan stops once it has k rows; this bounds the work when a filter matches almost
 # nothing. A filter matching a fraction f of a collection needs about k / f tuples: 20 000 (pgvector's
 # default) covers k = 10 down to f = 0.05 %.

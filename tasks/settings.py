@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from retrieval.search import DEFAULT_EF_SEARCH
 from tasks.routing.strategies import NAMES as ROUTING_STRATEGIES
 
 
@@ -127,7 +128,7 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(64, ge=1)  # chunks embedded (and inserted) together
     hnsw_m: int = Field(16, ge=2, le=100)  # pgvector's defaults: a new collection's index parameters
     hnsw_ef_construction: int = Field(64, ge=4, le=1000)
-    hnsw_ef_search: int = Field(40, ge=1, le=1000)  # per query: candidates the HNSW scan keeps
+    hnsw_ef_search: int = Field(DEFAULT_EF_SEARCH, ge=1, le=1000)  # per query: candidates the HNSW scan keeps
     hnsw_max_scan_tuples: int = Field(20000, ge=1000)  # bound on an iterative scan under a selective filter
     rag_top_k: int = Field(5, ge=1, le=100)
     # Uploads (POST /v1/collections/{id}/documents): the largest document accepted, as a file or as

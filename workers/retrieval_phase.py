@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 from retrieval.context import build_context
 from retrieval.errors import ModelMismatch, NotFound
-from retrieval.search import search_many
-from tasks.logs import job_fields
+from retrieval.search import DEFAULT_EF_SEARCH, search_many
 from tasks.errors import TRANSIENT, ErrorKind, JobError
+from tasks.logs import job_fields
 from tasks.prompting import prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _group_key(rag: dict) -> str:
 class RetrievalPhase:
     """Searches for a batch's RAG jobs with one embedder (loaded once, at worker boot) and one pool."""
 
-    def __init__(self, pool, embedder, tokenizer, *, max_model_len: int, ef_search: int = 40,
+    def __init__(self, pool, embedder, tokenizer, *, max_model_len: int, ef_search: int = DEFAULT_EF_SEARCH,
                  max_scan_tuples: int = 20_000):
         self.pool, self.embedder, self.tokenizer = pool, embedder, tokenizer
         self.max_model_len, self.ef_search, self.max_scan_tuples = max_model_len, ef_search, max_scan_tuples
