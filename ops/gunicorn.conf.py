@@ -14,6 +14,10 @@ worker_class = "gevent"
 worker_connections = _settings.api_worker_connections
 backlog = 4096  # connections the kernel queues before accept (capped by net.core.somaxconn)
 timeout = 90  # the worker's own heartbeat to the master (a waiting greenlet does not block it)
+# An idle keep-alive connection is kept this long (gunicorn's default is 2 s). A busy client often sends
+# its next request (the next long-poll, the next poll) more than 2 s after the last answer; closing the
+# connection meanwhile races that request, and the client sees the connection dropped under it.
+keepalive = 75
 # On a restart, requests in flight get this long to finish: long-polls (≤ 60 s) do; an OpenAI-style
 # completion (up to 590 s) may be cut, and its client then reads the job by the id it was given.
 graceful_timeout = 65
