@@ -45,7 +45,9 @@ class Services:
     def pool(self):
         from tasks.db import make_pool
 
-        return make_pool(self.settings.database_url, max_size=20, name="api", timeout=5)
+        # Under a burst (thousands of submits at once on a machine whose cores the engine is using) a
+        # request may queue for a connection a while: 15 s before it answers 503.
+        return make_pool(self.settings.database_url, max_size=32, name="api", timeout=15)
 
     @cached_property
     def redis(self):

@@ -120,13 +120,26 @@ def _check_rag(job: JobRequest) -> dict | None:
     return rag
 
 
+_ACTIVE_CACHE_SECONDS = 1.0
+_active_seen: dict = {}  # tenant id → [counted at (monotonic), jobs, prompt tokens], per process
+
+
 def _check_active(limits: dict, prompt_tokens: int) -> None:
-    """The tenant's active jobs and the prompt tokens they hold stay under its caps (429 beyond). One
-    count at submit: concurrent submits may pass it together, so a cap can be overshot by as many."""
+    """The tenant's active jobs and the prompt tokens they hold stay under its caps (429 beyond).
+
+    Counted in Postgres at most once a second per API process (a burst of submits must not each scan
+    the tenant's active jobs), plus what this process accepted since; so a cap can be overshot by what
+    other processes accept within that second, or by concurrent submits."""
     settings = _services().settings
     max_jobs = limits.get("max_active_jobs", settings.tenant_max_active_jobs)
     max_tokens = limits.get("max_queued_prompt_tokens", settings.tenant_max_queued_prompt_tokens)
-    active, tokens = store.active_load(_services().pool, g.tenant.id)
+    seen = _active_seen.get(g.tenant.id)
+    if seen is None or time.monotonic() - seen[0] > _ACTIVE_CACHE_SECONDS:
+        seen = [time.monotonic(), *store.active_load(_services().pool, g.tenant.id)]
+        if len(_active_seen) > 10_000:
+            _active_seen.clear()
+        _active_seen[g.tenant.id] = seen
+    _, active, tokens = seen
     if active + 1 > max_jobs:
         raise ApiError(429, "Too Many Requests", f"this tenant has {active} jobs not finished yet, its limit is "
                        f"{max_jobs}; wait for some to finish (nothing was stored)", headers={"Retry-After": "5"})
@@ -134,6 +147,8 @@ def _check_active(limits: dict, prompt_tokens: int) -> None:
         raise ApiError(429, "Too Many Requests", f"this tenant's unfinished jobs hold {tokens} prompt tokens; with "
                        f"this one's {prompt_tokens} that passes its limit of {max_tokens} (nothing was stored)",
                        headers={"Retry-After": "5"})
+    seen[1] += 1
+    seen[2] += prompt_tokens
 
 
 def _idempotency(body: dict) -> tuple[str, bytes, int] | None:
