@@ -45,9 +45,9 @@ class Services:
     def pool(self):
         from tasks.db import make_pool
 
-        # Under a burst (thousands of submits at once on a machine whose cores the engine is using) a
-        # request may queue for a connection a while: 15 s before it answers 503.
-        return make_pool(self.settings.database_url, max_size=32, name="api", timeout=15)
+        # 20 connections per worker; a request waits 5 s at most for one
+        # (a Postgres outage answers 503 + Retry-After then, rather than holding clients).
+        return make_pool(self.settings.database_url, max_size=20, name="api", timeout=5)
 
     @cached_property
     def redis(self):
@@ -55,7 +55,7 @@ class Services:
 
         # A bounded, blocking pool: under gevent thousands of requests may want Redis at the same
         # moment; they queue for one of these connections instead of each opening its own.
-        pool = redis.BlockingConnectionPool.from_url(self.settings.redis_url, max_connections=64, timeout=5,
+        pool = redis.BlockingConnectionPool.from_url(self.settings.redis_url, max_connections=256, timeout=10,
                                                      socket_timeout=5, socket_connect_timeout=2)
         return redis.Redis(connection_pool=pool)
 
