@@ -53,9 +53,10 @@ def set_limits(name: str):
     for limit, value in body.items():
         ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                and math.isfinite(value) and value > 0
-                               and (limit == "submit_rate" or float(value).is_integer()))
+                               and (limit in tenants.FRACTIONAL_LIMITS or float(value).is_integer()))
         if not ok:
-            raise ApiError(422, "Invalid limit", f"`{limit}` must be a positive number (whole, but for submit_rate) "
+            raise ApiError(422, "Invalid limit", f"`{limit}` must be a positive number (whole, but for "
+                           f"{' and '.join(tenants.FRACTIONAL_LIMITS)}) "
                            "or null to clear it", errors=[{"field": limit, "message": "a positive number or null"}])
     limits = _lookup(tenants.set_limits, _pool(), name, body, actor=_actor())
     return jsonify(object="limits", tenant=name, limits=limits)

@@ -222,7 +222,7 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
         tokens_per_minute=limits.get("output_tokens_per_minute", settings.tenant_output_tokens_per_minute))
     try:
         row, created = lifecycle.submit(
-            services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy,
+            services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy, priority=job.priority,
             request={**request_dict, **sampling, "prompt_tokens": prompt_tokens, "max_attempts": max_attempts,
                      **({"rag": rag} if rag else {}),
                      **({"cache": True} if job.cache else {})},

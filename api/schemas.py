@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tasks.routing import fair_queue
 from tasks.webhooks import ssrf
 from tasks.webhooks.store import DEFAULT_EVENTS, EVENTS
 
@@ -114,6 +115,8 @@ class JobRequest(BaseModel):
     rag: RagSpec | None = None
     # Opt in to the exact-match result cache (tasks/jobs/cache.py): temperature 0, no rag.
     cache: bool = False
+    # `interactive` jobs are dispatched before `batch` ones; batch work fills the capacity left over.
+    priority: Literal[fair_queue.CLASSES] = fair_queue.INTERACTIVE
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the prompt tokens unfinished jobs hold (default SWITCHYARD_TENANT_MAX_QUEUED_PROMPT_TOKENS)")
     limits.add_argument("--max-attempts", help="the most attempts a job may ask for (default 20)")
     limits.add_argument("--max-waits", help="concurrent long-polls (default SWITCHYARD_MAX_WAITS_PER_TENANT)")
+    limits.add_argument("--share-weight", help="the tenant's weight in fair dispatch: 2 gets twice the fleet of 1 "
+                        "when both have work waiting (default SWITCHYARD_TENANT_SHARE_WEIGHT)")
     replay = sub.add_parser("replay-dead-letters", help="re-submit dead jobs (every open dead letter by default)")
     replay.add_argument("--reason", help="only dead letters with this reason (e.g. worker_lost, engine_dead)")
     replay.add_argument("--limit", type=int, default=1000)
@@ -141,10 +143,11 @@ def _keys(pool, args) -> None:
 
 def _positive(name: str, value: str) -> float | int:
     number = float(value)
-    if not math.isfinite(number) or number <= 0 or (name != "submit_rate" and not number.is_integer()):
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive {'number' if name == 'submit_rate' else 'whole number'}"
+    fractional = name in tenants.FRACTIONAL_LIMITS
+    if not math.isfinite(number) or number <= 0 or (not fractional and not number.is_integer()):
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive {'number' if fractional else 'whole number'}"
                          f" (or `default`), got {value!r}")
-    return number if name == "submit_rate" else int(number)
+    return number if fractional else int(number)
 
 
 def _replay(settings: Settings, reason: str | None, limit: int) -> None:

@@ -116,14 +116,16 @@ class Cluster(ProcessGroup):
     # -- jobs --------------------------------------------------------------------------------------
 
     def submit(self, tenant_id, n: int, *, strategy: str = "round_robin", max_tokens: int = 16,
-               prompt: str = "hello", session_id: str | None = None, max_attempts: int = 3) -> list[str]:
+               prompt: str = "hello", session_id: str | None = None, max_attempts: int = 3,
+               priority: str = "interactive") -> list[str]:
         """Insert and publish jobs exactly as POST /v1/jobs does after validation (no HTTP)."""
         ids = []
         for i in range(n):
             request = {"prompt": f"{prompt} {i}" if session_id is None else prompt, "max_tokens": max_tokens,
                        "temperature": 0, "max_attempts": max_attempts}
             row, _ = lifecycle.submit(self.celery, tenant_id=tenant_id, model=self.settings.model_name,
-                                      strategy=strategy, request=request, metadata={}, max_attempts=max_attempts,
+                                      strategy=strategy, priority=priority, request=request, metadata={},
+                                      max_attempts=max_attempts,
                                       session_id=session_id, affinity_key=affinity_key(tenant_id, session_id, request))
             ids.append(str(row["id"]))
         return ids

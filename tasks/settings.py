@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # ends, so this bounds how many separately-arriving jobs can join the running engine.
     batch_concurrency: int = Field(32, ge=1)
     max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
+    # Jobs the dispatcher lets one node hold (routed or running); the rest wait in the fair queue, where
+    # tenants are served fairly. Default: max_num_seqs + batch_size (every engine seat, plus a batch on
+    # its way so the engine never idles). Batch-class jobs may take all but batch_size of them.
+    node_slots: int | None = Field(None, ge=1)
     kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
     enforce_eager: bool = True
     heartbeat_interval: float = Field(2.0, gt=0)
@@ -162,6 +166,9 @@ class Settings(BaseSettings):
     tenant_replays_per_day: int = Field(10_000, ge=1)  # dead-letter replays, per UTC day
     tenant_max_active_jobs: int = Field(50_000, ge=1)  # queued, routed or running at once
     tenant_max_queued_prompt_tokens: int = Field(50_000_000, ge=1)  # the prompt tokens those jobs hold
+    # A tenant's weight in fair dispatch (tasks/routing/fair_queue.py): when tenants both have jobs
+    # waiting, each gets the fleet in proportion to its weight. An operator sets it per tenant.
+    tenant_share_weight: float = Field(1.0, gt=0)
 
     # The local cluster of `make up` (ops/cluster.py): its state folder and ports.
     # Fixed ports below Linux's ephemeral range (32768-60999): an outgoing connection never holds them.
@@ -234,11 +241,21 @@ class Settings(BaseSettings):
         return self.model_path or self.cache_dir / "models" / self.model_name
 
     @property
+    def slots(self) -> int:
+        return self.node_slots or self.max_num_seqs + self.batch_size
+
+    @property
+    def batch_slots(self) -> int:
+        """The slots batch-class jobs may take; the rest are kept for interactive jobs."""
+        return max(1, self.slots - self.batch_size)
+
+    @property
     def prefetch_count(self) -> int:
         """Messages a GPU worker may hold unacked: every batch that may generate at once, plus one
         batch being buffered. Acks are late (after the batch), so a smaller prefetch would stop new
-        jobs from reaching the running engine while long ones generate."""
-        return self.batch_size * (self.batch_concurrency + 1)
+        jobs from reaching the running engine while long ones generate. Never fewer than the node's
+        slots: every job the dispatcher gives it must reach it."""
+        return max(self.batch_size * (self.batch_concurrency + 1), self.slots)
 
     def require_urls(self) -> "Settings":
         missing = [n for n, v in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url)) if not v]

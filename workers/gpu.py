@@ -53,6 +53,8 @@ def _heartbeat_loop(app, node, engine, stop: threading.Event, draining: threadin
                 "models": [settings.model_name],
                 "engine": settings.engine,
                 "batch_capacity": settings.batch_size * settings.batch_concurrency,
+                "slots": settings.slots,
+                "batch_slots": settings.batch_slots,
                 "inflight": node.inflight,
                 "ewma_job_seconds": node.ewma_job_seconds,
                 "ewma_token_seconds": node.ewma_token_seconds,

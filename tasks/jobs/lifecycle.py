@@ -67,10 +67,13 @@ def publish(app, job: dict, *, countdown: float = 0.0) -> None:
     """Put a queued job (a row with store.DISPATCH_COLUMNS) on its strategy's route queue; `countdown`
     delays it (retry back-off). Raises if the broker is unreachable."""
     strategy = job["routing_strategy"]
+    # Its cost in fair dispatch: the output-token budget (a DISPATCH_COLUMNS row has it as a column).
+    cost = job.get("max_tokens") or (job.get("request") or {}).get("max_tokens") or 1
     app.send_task(
         ROUTE_TASK,
         args=[str(job["id"]), job["attempt"], job["model"], strategy, time.time() + countdown],
-        kwargs={"affinity_key": job.get("affinity_key")},
+        kwargs={"affinity_key": job.get("affinity_key"), "tenant_id": str(job["tenant_id"]),
+                "priority": job["priority"], "cost": cost},
         queue=route_queue(strategy),
         countdown=countdown or None,
     )

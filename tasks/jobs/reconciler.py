@@ -12,8 +12,9 @@ about live nodes and messages):
   nor that node's unacknowledged list (a publish that failed, a router that died between marking the
   job and publishing, a message Redis lost): the message is sent to the node again;
 - running past job_timeout on a live node (a wedged node): re-queued like a lost one;
-- queued long after it was due (settings.redispatch_after): its route message was lost, or the API
-  crashed between the commit and the publish; the job is published again.
+- queued long after it was due (settings.redispatch_after) and not waiting its turn in the fair
+  queue: its route message was lost, or the API crashed between the commit and the publish, or a
+  dispatcher died holding it; the job is published again.
 
 - past the Cancel-After deadline its client gave at submit: cancelled, like a client's cancel.
 
@@ -40,7 +41,7 @@ from tasks.ingest import recovery as ingest_recovery
 from tasks.jobs import lifecycle, retention, stranded
 from tasks.logs import job_fields
 from tasks.names import node_queue, route_queue
-from tasks.routing import registry
+from tasks.routing import fair_queue, registry
 from tasks.routing.strategies import NAMES as STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ LOCK_KEY = "switchyard:reconciler:lock"
 SWEEPS_KEY = "switchyard:reconciler:sweeps"
 _SWEEPS_KEPT = 200
 _RESYNC_EVERY = 30  # sweeps between checks of the assigned sets against Postgres
-_PURGE_EVERY = 3600.0  # seconds between retention purges (tasks/jobs/retention.py)
+_PURGE_EVERY = 3600.0
+_STALLED_PAGE = 5000  # queued jobs looked at per check  # seconds between retention purges (tasks/jobs/retention.py)
 
 
 class Reconciler:
@@ -61,6 +63,7 @@ class Reconciler:
         self._next_message_check = 0.0
         self._next_document_check = 0.0
         self._next_purge = 0.0
+        self._queued_cursor = None  # where the next look at long-queued jobs starts (see _republish_stalled)
         # The lock outlives a sweep's expected length several times over, and is extended as the sweep
         # goes: another router's reconciler never starts while this one is still at work.
         self._lock = app.redis.lock(LOCK_KEY, timeout=max(5.0, 5 * self.settings.reconcile_interval),
@@ -132,14 +135,11 @@ class Reconciler:
             self._requeue(job, f"node {job['node_id']} held the job {job['status']} past its deadline", counts)
 
         if time.monotonic() >= self._next_message_check:
-            # Reading a node's whole queue is not free: look at most a few times per period.
+            # Reading a node's whole queue, or every long-queued job, is not free: look at most a few
+            # times per period.
             self._next_message_check = time.monotonic() + s.redispatch_after / 3
             counts["resent"] = self._resend_lost_messages(live)
-
-        for job in stranded.claim_stalled_queued(pool, older_than=s.redispatch_after):
-            self._still_mine()
-            lifecycle.redispatch(self.app, job)
-            counts["republished"] += 1
+            counts["republished"] = self._republish_stalled()
 
         for job in stranded.past_their_deadline(pool):
             self._still_mine()
@@ -157,6 +157,24 @@ class Reconciler:
         if self.sweeps % _RESYNC_EVERY == 0:
             self._resync_assigned(live)
         return counts
+
+    def _republish_stalled(self) -> int:
+        """Queued jobs long due that are neither waiting in the fair queue nor, after all this time,
+        on a route queue: published again. Jobs waiting their turn are paged through (never written),
+        so a long fair-queue backlog costs reads, not updates."""
+        s = self.settings
+        rows = stranded.stalled_queued(self.app.db, older_than=s.redispatch_after, after=self._queued_cursor,
+                                       limit=_STALLED_PAGE)
+        self._queued_cursor = rows[-1]["queued_at"] if len(rows) == _STALLED_PAGE else None
+        ids = [r["id"] for r in rows]
+        waiting = fair_queue.pending(self.app.redis, ids)
+        republished = 0
+        for job in stranded.claim_queued(self.app.db, [i for i in ids if i not in waiting],
+                                         older_than=s.redispatch_after):
+            self._still_mine()
+            lifecycle.redispatch(self.app, job)
+            republished += 1
+        return republished
 
     def _requeue(self, job: dict, message: str, counts: dict) -> None:
         self._still_mine()

@@ -16,6 +16,7 @@ def job_resource(row: dict) -> dict:
         "status": row["status"],
         "model": row["model"],
         "routing": {"strategy": row["routing_strategy"], "session_id": row["session_id"]},
+        "priority": row["priority"],
         "attempt": row["attempt"],
         "max_attempts": row["max_attempts"],
         "node_id": row["node_id"],

@@ -22,7 +22,8 @@ from tasks.jobs.status import ACTIVE_VALUES, JobStatus
 # --- jobs: API side -----------------------------------------------------------------------------
 
 #: the columns a router needs to (re)publish a job
-DISPATCH_COLUMNS = "id, attempt, model, routing_strategy, affinity_key"
+DISPATCH_COLUMNS = ("id, attempt, model, routing_strategy, affinity_key, tenant_id, priority, "
+                    "(request->>'max_tokens')::int AS max_tokens")
 
 
 class IdempotencyConflict(Exception):
@@ -34,7 +35,8 @@ class IdempotencyConflict(Exception):
 
 
 def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, request: dict, metadata: dict,
-               max_attempts: int, session_id: str | None = None, affinity_key: str | None = None,
+               max_attempts: int, priority: str = "interactive", session_id: str | None = None,
+               affinity_key: str | None = None,
                idempotency: tuple[str, bytes, int] | None = None,
                webhook: dict | None = None, cached_result: dict | None = None,
                cancel_after: float | None = None) -> tuple[dict, bool]:
@@ -52,11 +54,11 @@ def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, re
         single = idempotency is None and cached_result is None
         with nullcontext() if single else conn.transaction():
             row = conn.execute(
-                """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, request, metadata,
+                """INSERT INTO jobs (id, tenant_id, status, model, routing_strategy, priority, request, metadata,
                                      max_attempts, session_id, affinity_key, webhook, cancel_at)
-                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s,
+                   VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s,
                            now() + make_interval(secs => %s::float8)) RETURNING *""",
-                (job_id, tenant_id, model, strategy, Jsonb(request), Jsonb(metadata), max_attempts,
+                (job_id, tenant_id, model, strategy, priority, Jsonb(request), Jsonb(metadata), max_attempts,
                  session_id, affinity_key, Jsonb(webhook) if webhook is not None else None, cancel_after),
             ).fetchone()
             if cached_result is not None:

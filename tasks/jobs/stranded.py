@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from psycopg_pool import ConnectionPool
 
 from tasks.jobs.status import ACTIVE_VALUES
@@ -38,18 +40,34 @@ def overdue_jobs(pool: ConnectionPool, *, routed_for: float, running_for: float)
         ).fetchall()
 
 
-def claim_stalled_queued(pool: ConnectionPool, *, older_than: float, limit: int = 1000) -> list[dict]:
-    """Queued jobs due for longer than `older_than` s: their route message was lost or never sent (a
-    crash between commit and publish). Their `queued_at` is bumped, so each is re-published at most
-    once per period; a duplicate message is harmless (routing is conditional on status and attempt)."""
+def stalled_queued(pool: ConnectionPool, *, older_than: float, after: datetime | None = None,
+                   limit: int = 5000) -> list[dict]:
+    """Queued jobs (id, queued_at) due for longer than `older_than` s, oldest first, those due after
+    `after` only when given (to page on). Either their route message was lost or never sent (a crash
+    between commit and publish), or they are waiting their turn in the fair queue: the caller tells
+    them apart (tasks.routing.fair_queue.pending)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            """SELECT id::text, queued_at FROM jobs
+                WHERE status = 'queued' AND queued_at < now() - make_interval(secs => %s)
+                  AND (%s::timestamptz IS NULL OR queued_at > %s)
+                ORDER BY queued_at LIMIT %s""",
+            (older_than, after, after, limit),
+        ).fetchall()
+
+
+def claim_queued(pool: ConnectionPool, job_ids: list[str], *, older_than: float) -> list[dict]:
+    """Those of `job_ids` still queued and due for longer than `older_than` s, to be published again.
+    Their `queued_at` is bumped, so each is re-published at most once per period; a duplicate message
+    is harmless (routing is conditional on status and attempt)."""
+    if not job_ids:
+        return []
     with pool.connection() as conn:
         return conn.execute(
             f"""UPDATE jobs SET queued_at = now()
-                 WHERE id IN (SELECT id FROM jobs
-                               WHERE status = 'queued' AND queued_at < now() - make_interval(secs => %s)
-                               ORDER BY queued_at LIMIT %s FOR UPDATE SKIP LOCKED)
+                 WHERE id = ANY(%s::uuid[]) AND status = 'queued' AND queued_at < now() - make_interval(secs => %s)
              RETURNING {DISPATCH_COLUMNS}""",
-            (older_than, limit),
+            (job_ids, older_than),
         ).fetchall()
 
 

@@ -17,7 +17,9 @@ def hash_api_key(key: str) -> bytes:
 
 #: the limits an operator may set per tenant (the rest of the tenant's limits are the defaults)
 LIMIT_NAMES = ("submit_rate", "submit_burst", "output_tokens_per_minute", "max_attempts", "max_waits",
-               "replays_per_day", "max_active_jobs", "max_queued_prompt_tokens")
+               "replays_per_day", "max_active_jobs", "max_queued_prompt_tokens", "share_weight")
+#: the limits that may be fractional (the others are whole numbers)
+FRACTIONAL_LIMITS = ("submit_rate", "share_weight")
 
 
 #: what a key may do: read jobs (and collections, dead letters, nodes), submit and cancel them, manage
@@ -156,6 +158,14 @@ def audit(conn, actor: str, action: str, tenant_id, target: str | None, details:
     """One line of the audit log, in the caller's transaction."""
     conn.execute("INSERT INTO audit_log (actor, tenant_id, action, target, details) VALUES (%s, %s, %s, %s, %s)",
                  (actor, tenant_id, action, target, json.dumps(details)))
+
+
+def share_weights(pool: ConnectionPool, tenant_ids: list) -> dict[str, float]:
+    """{tenant id: its share_weight} for those of `tenant_ids` that set one (the rest use the default)."""
+    with pool.connection() as conn:
+        rows = conn.execute("""SELECT id::text, (limits->>'share_weight')::float8 AS weight FROM tenants
+                                WHERE id = ANY(%s::uuid[]) AND limits ? 'share_weight'""", (tenant_ids,)).fetchall()
+    return {r["id"]: r["weight"] for r in rows}
 
 
 def _iso(value) -> str | None:

@@ -17,6 +17,7 @@ import json
 import time
 
 from tasks.names import node_queue
+from tasks.routing import fair_queue
 
 NODES_SET = "switchyard:nodes"
 _NODE_KEY = "switchyard:node:{}"
@@ -128,9 +129,22 @@ def record_success(redis, node_id: str) -> None:
 
 
 def release(redis, node_id: str, members: list[str]) -> None:
-    """Jobs that ended (or were skipped) on a node no longer count against it."""
+    """Jobs that ended (or were skipped) on a node no longer count against it; the dispatcher is
+    woken to fill the slots they free."""
     if members:
         redis.srem(assigned_key(node_id), *members)
+        fair_queue.wake(redis)
+
+
+def free_slots(node: dict) -> int:
+    """How many more jobs the dispatcher may give a node (negative when it holds more than its slots,
+    e.g. after its slots setting was lowered)."""
+    return node.get("slots", node.get("batch_capacity", 0)) - node["outstanding"]
+
+
+def interactive_reserve(node: dict) -> int:
+    """Slots of a node that batch-class jobs may not take: kept for interactive jobs."""
+    return node.get("slots", 0) - node.get("batch_slots", node.get("slots", 0))
 
 
 #: how long a dead node's queue is kept for it to come back to

@@ -79,7 +79,7 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(db, job):
 def test_retry_delay_postpones_the_due_time(db, job):
     run(db, job["id"], 1, "n1")
     store.retry_job(db, job["id"], 1, BOOM, delay=30)
-    assert job["id"] not in {r["id"] for r in stranded.claim_stalled_queued(db, older_than=0)}  # due in 30 s
+    assert str(job["id"]) not in {r["id"] for r in stranded.stalled_queued(db, older_than=0)}  # due in 30 s
 
 
 def test_used_up_attempts_make_the_job_dead_with_a_dead_letter(db, tenant):
@@ -127,10 +127,12 @@ def test_orphans_and_stalled_jobs_are_found(db, job):
     assert job["id"] in {j["id"] for j in stranded.jobs_on_nodes_not_in(db, ["other-node"])}
     assert job["id"] not in {j["id"] for j in stranded.jobs_on_nodes_not_in(db, ["gone-node"])}
     store.retry_job(db, job["id"], 1, {"type": "worker_lost", "message": "x"}, delay=0)
-    claimed = {j["id"]: j for j in stranded.claim_stalled_queued(db, older_than=0)}
+    assert str(job["id"]) in {r["id"] for r in stranded.stalled_queued(db, older_than=0)}
+    claimed = {j["id"]: j for j in stranded.claim_queued(db, [str(job["id"])], older_than=0)}
     assert claimed[job["id"]]["attempt"] == 2
     # Claiming bumps queued_at: the same job is not claimed again in the same period.
-    assert job["id"] not in {j["id"] for j in stranded.claim_stalled_queued(db, older_than=5)}
+    assert str(job["id"]) not in {r["id"] for r in stranded.stalled_queued(db, older_than=5)}
+    assert not stranded.claim_queued(db, [str(job["id"])], older_than=5)
 
 
 def test_idempotency_key_returns_the_original_job_or_conflicts(db, tenant):

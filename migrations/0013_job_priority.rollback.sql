@@ -1,0 +1,2 @@
+DROP INDEX jobs_queued;
+ALTER TABLE jobs DROP COLUMN priority;
