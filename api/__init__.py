@@ -100,6 +100,13 @@ class Services:
         return SubmitRate(self.redis)
 
     @cached_property
+    def state(self):
+        """The cluster's state for GET /metrics, read through this process's Redis and Postgres pools."""
+        from tasks.metrics.state import StateCollector
+
+        return StateCollector(self.redis, self.pool)
+
+    @cached_property
     def wait_slots(self):
         from api.limits import WaitSlots
 
@@ -114,6 +121,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.errors import register_error_handlers
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
+    from api.metrics import instrument
     from api.nodes import bp as nodes_bp
     from api.openai import bp as openai_bp
     from api.openapi import bp as openapi_bp
@@ -125,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["switchyard"] = Services(settings)
     register_error_handlers(app)
+    instrument(app)  # first: every request is timed, whatever a blueprint's own hooks answer
     app.register_blueprint(health_bp)
     app.register_blueprint(jobs_bp)
     app.register_blueprint(nodes_bp)

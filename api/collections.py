@@ -18,6 +18,7 @@ from api.errors import ApiError, invalid
 from api.schemas import CollectionRequest, SearchParams
 from retrieval import search as retrieval_search
 from retrieval import store
+from tasks import metrics
 
 bp = Blueprint("collections", __name__, url_prefix="/v1/collections")
 bp.before_request(authenticate)
@@ -108,7 +109,7 @@ def search(collection_id: uuid.UUID):
         raise invalid(exc, "Invalid search") from None
     # Keyword search never embeds the query, so it does not load the model.
     embedder = services.embedder if params.mode != "keyword" else None
-    with services.pool.connection() as conn:
+    with services.pool.connection() as conn, metrics.timed_retrieval(params.mode, "api"):
         hits = retrieval_search.search(conn, embedder, g.tenant.id, [collection_id], params.q, params.k, params.mode,
                                        params.filter, ef_search=settings.hnsw_ef_search,
                                        max_scan_tuples=settings.hnsw_max_scan_tuples)

@@ -71,6 +71,13 @@ def create_celery(settings: Settings) -> SwitchyardCelery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
+    # Every worker process (router, GPU, webhooks, ingest) serves its metrics on a port of its own from
+    # the moment it starts (tasks.metrics explains why per process); connected once per process.
+    from celery.signals import worker_init
+
+    from tasks.metrics.exposition import on_worker_init
+
+    worker_init.connect(on_worker_init, weak=False, dispatch_uid="switchyard-metrics")
     # Every task, registered with this app (the task modules import nothing from here).
     import tasks.ingest.task  # noqa: F401
     import tasks.jobs.task  # noqa: F401

@@ -148,6 +148,14 @@ class Settings(BaseSettings):
     # Log lines: `json` (one object per line) or `text` (tasks/logs.py).
     log_format: Literal["json", "text"] = "json"
 
+    # Prometheus metrics (tasks/metrics). Each Celery process serves its own on metrics_port (None: its
+    # kind's default, router 9101, GPU worker 9102, webhooks 9103, ingest 9104; 0: none) at
+    # metrics_addr; the API serves GET /metrics on its own port, its gunicorn workers' values kept in
+    # files in metrics_dir (None: a fresh temporary folder per server).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
+    metrics_dir: Path | None = None
+
     # API server (ops/gunicorn.conf.py).
     api_bind: str = "127.0.0.1:8000"
     api_workers: int = Field(2, ge=1)

@@ -20,6 +20,9 @@ from tasks.db import make_pool, migrate
 from tasks.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Worker processes (and Celery workers built in-process) serve no metrics port unless a test gives one:
+# the fixed default ports would be taken by whichever test came first.
+os.environ.setdefault("SWITCHYARD_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")

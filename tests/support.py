@@ -78,3 +78,24 @@ def in_background(target: Callable[[threading.Event], None], *,
         raise TimeoutError(f"background thread {target!r} did not stop within {join_timeout} s")
     if errors:
         raise errors[0]
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """A Prometheus text exposition, parsed by prometheus_client's own parser (so text that does not
+    parse fails the test): {(sample name, frozenset of its labels): value}. A sample seen twice (two
+    processes each reporting one fact) raises."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, frozenset], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            if key in found:
+                raise AssertionError(f"sample {sample.name}{sample.labels} exported twice")
+            found[key] = sample.value
+    return found
+
+
+def metric_value(samples: dict, name: str, **labels) -> float:
+    """The value of one sample (0 when absent: a counter not yet counted)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

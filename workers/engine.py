@@ -58,11 +58,18 @@ class Completion:
 
 
 class VllmEngine:
-    """Loads the model at `start()` (never at import: CUDA contexts and vLLM's spawn don't survive fork)."""
+    """Loads the model at `start()` (never at import: CUDA contexts and vLLM's spawn don't survive fork).
 
-    def __init__(self, model_path: str, *, max_model_len: int, enforce_eager: bool = True, max_num_seqs: int = 256):
+    vLLM's own statistics (running and waiting requests, KV-cache use, prefix-cache queries and hits,
+    prompt and generation tokens, its latency histograms) are kept by its PrometheusStatLogger, in this
+    process's default Prometheus registry, which the worker serves (tasks.metrics); its periodic log
+    lines stay off. `served_model_name` is their `model_name` label."""
+
+    def __init__(self, model_path: str, *, max_model_len: int, enforce_eager: bool = True, max_num_seqs: int = 256,
+                 served_model_name: str | None = None):
         self._args = dict(model=model_path, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                          max_num_seqs=max_num_seqs, disable_log_stats=True)
+                          max_num_seqs=max_num_seqs, disable_log_stats=True,
+                          **({"served_model_name": served_model_name} if served_model_name else {}))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._engine = None
@@ -82,12 +89,15 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         self.state = "loading"
         started = time.monotonic()
 
         async def create():
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
+            # With log stats disabled and a stat logger given, vLLM keeps statistics for that logger
+            # alone: its Prometheus metrics, without the log line every few seconds.
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args), stat_loggers=[PrometheusStatLogger])
 
         engine = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
         self._generation += 1  # before the engine is published: a submit never pairs it with an old generation

@@ -87,15 +87,19 @@ def _cancel_listener(app, node) -> None:
 
 def _make_engine(settings, tokenizer):
     if settings.engine == "simulated":
+        from tasks.metrics.engine import register_simulated
         from workers.simulated import SimulatedEngine
 
-        return SimulatedEngine(token_seconds=settings.sim_token_seconds, max_num_seqs=settings.max_num_seqs,
-                               tokenizer=tokenizer, crash_marker=settings.sim_crash_marker,
-                               fail_marker=settings.sim_fail_marker)
+        engine = SimulatedEngine(token_seconds=settings.sim_token_seconds, max_num_seqs=settings.max_num_seqs,
+                                 tokenizer=tokenizer, crash_marker=settings.sim_crash_marker,
+                                 fail_marker=settings.sim_fail_marker)
+        register_simulated(engine, settings.model_name)  # its counts under vLLM's metric names
+        return engine
     from workers.engine import VllmEngine
 
     return VllmEngine(str(settings.resolved_model_path), max_model_len=settings.max_model_len,
-                      enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
+                      enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs,
+                      served_model_name=settings.model_name)
 
 
 def _make_retrieval(app, tokenizer):

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from tasks.logs import job_fields
+from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.jobs import lifecycle, store
 from tasks.retry import ride_out
@@ -91,6 +94,7 @@ class Node:
         self.core.abort(job_id)
 
     def __call__(self, items: list[tuple[str, int]]) -> None:
+        metrics.batch_size.observe(len(items))
         # Only a retried job can have crashed before; first attempts skip the query.
         retried = [i for i, a in items if a > 1]
         crashes = self._durably(lambda: store.crash_counts(self.app.db, retried), "reading crash counts") if retried else {}
@@ -111,7 +115,10 @@ class Node:
         return ride_out(fn, tolerance=self.settings.outage_tolerance, what=what)
 
     def _start(self, items: list[tuple[str, int]]) -> list[dict]:
-        return self._durably(lambda: lifecycle.start(self.app, items, self.node_id), "marking jobs running")
+        jobs = self._durably(lambda: lifecycle.start(self.app, items, self.node_id), "marking jobs running")
+        for job in jobs:
+            metrics.job_started(job)
+        return jobs
 
     def _retrieve(self, jobs: list[dict]) -> list[dict]:
         """The retrieval phase for the batch's RAG jobs (a cheap check for the others): their prompts
@@ -125,7 +132,11 @@ class Node:
         else:
             items = [(str(j["id"]), j["attempt"]) for j in rag]
             self._stamp(items, "retrieval_started_at")
+            started = time.monotonic()
             ready, failed = self.retrieval.run(rag)
+            elapsed = time.monotonic() - started
+            for _ in ready:  # each job of the batch waited for the whole batch's retrieval
+                metrics.observe_phase("retrieval", elapsed)
             self._stamp([(str(j["id"]), j["attempt"]) for j in ready], "retrieved_at")
         for job, error in failed:
             self._record(Outcome(job, error=error))
@@ -142,14 +153,15 @@ class Node:
         job, error = outcome.job, outcome.error
         if error is None:
             self._healthy(outcome)
+            metrics.observe_phase("generation", outcome.seconds)
         elif (error.retryable or error.kind is ErrorKind.TIMEOUT) and error.kind is not ErrorKind.RETRIEVAL_UNAVAILABLE:
             self._unhealthy()  # (a search that met Postgres away says nothing about this node's engine)
         try:
             if error is not None and error.retryable:
                 self._durably(lambda: lifecycle.retry(self.app, job, self.node_id, error), f"re-queueing job {job['id']}")
-            else:
-                self._durably(lambda: lifecycle.finish(self.app, job, self.node_id, result=outcome.result, error=error),
-                              f"recording job {job['id']}")
+            elif self._durably(lambda: lifecycle.finish(self.app, job, self.node_id, result=outcome.result, error=error),
+                               f"recording job {job['id']}"):
+                metrics.job_finished(job, datetime.now(timezone.utc))
         except TRANSIENT:
             log.error("job %s: Postgres unreachable past the outage tolerance; parking its outcome in Redis",
                       job["id"], extra=job_fields(job["id"], job.get("attempt"), self.node_id))

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from retrieval.context import build_context
 from retrieval.errors import ModelMismatch, NotFound
 from retrieval.search import DEFAULT_EF_SEARCH, search_many
+from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.logs import job_fields
 from tasks.prompting import prompt_token_ids
@@ -109,7 +110,7 @@ class RetrievalPhase:
         for group in groups.values():
             rag = group[0]["request"]["rag"]
             try:
-                with self.pool.connection() as conn:
+                with self.pool.connection() as conn, metrics.timed_retrieval(rag["mode"], "job"):
                     found = search_many(conn, self.embedder, group[0]["tenant_id"], rag["collections"],
                                         [query_of(j["request"]) for j in group], rag["top_k"], rag["mode"],
                                         rag.get("filter"), ef_search=self.ef_search,

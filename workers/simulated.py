@@ -12,6 +12,10 @@ sets the speed.
 Fault injection (tests only): a prompt containing `crash_marker` kills the whole worker process the
 moment it is scheduled, like a poison request that takes its worker down; a prompt containing
 `fail_marker` fails its job's first attempt with an exception no engine adapter recognises.
+
+It counts what vLLM's statistics count where it can (requests running and waiting, prompt and
+generation tokens; only ever changed on its event loop), reported under vLLM's metric names by
+tasks.metrics.engine so orchestration runs fill the same panels.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SimulatedEngine:
         self._tasks: dict[str, asyncio.Task] = {}
         self._slots: asyncio.Semaphore | None = None
         self.state, self.restarts, self.generation = "stopped", 0, 1
+        self.running = self.waiting = self.prompt_tokens = self.generation_tokens = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -85,7 +90,14 @@ class SimulatedEngine:
 
     async def _generate(self, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
         tokens = int(sampling.get("max_tokens") or 16)
-        async with self._slots:
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        self.prompt_tokens += len(prompt_ids)
+        try:
             text = self.tokenizer.decode(prompt_ids) if self.crash_marker or self.fail_marker else ""
             if self.crash_marker and self.crash_marker in text:
                 log.error("simulated poison request: killing this worker process")
@@ -93,6 +105,10 @@ class SimulatedEngine:
             if self.fail_marker and self.fail_marker in text and request_id.endswith(":1"):
                 raise RuntimeError("simulated engine failure of a kind no adapter recognises")
             await asyncio.sleep(tokens * self.token_seconds)
+        finally:
+            self.running -= 1
+            self._slots.release()
+        self.generation_tokens += tokens
         return Completion(f"[simulated output: {tokens} tokens]", "length", len(prompt_ids), tokens)
 
     def abort(self, request_id: str) -> None:

@@ -11,6 +11,7 @@ import random
 
 from celery import shared_task
 
+from tasks import metrics
 from tasks.errors import TRANSIENT
 from tasks.names import DELIVER_TASK, WEBHOOKS_QUEUE
 from tasks.settings import Settings
@@ -42,6 +43,7 @@ def deliver(pool, settings: Settings, delivery_id: str, attempt: int) -> str:
     if delivery["disabled_at"] is not None:
         store.finish_attempt(pool, delivery_id, attempt, status="dead",
                              error=f"not sent: the endpoint is disabled ({delivery['disabled_reason']})")
+        metrics.webhook_attempt("dead", None)
         return "dead"
     try:
         response = send(pool, settings, delivery)
@@ -62,6 +64,8 @@ def deliver(pool, settings: Settings, delivery_id: str, attempt: int) -> str:
         delay = retry_delay(settings, attempt, response.retry_after)
     store.finish_attempt(pool, delivery_id, attempt, status=status, delay=delay,
                          status_code=response.status_code, latency_ms=response.latency_ms, error=error)
+    metrics.webhook_attempt("failed" if status == "pending" else status,
+                            response.latency_ms / 1000 if response.latency_ms is not None else None)
     if response.status_code == 410:  # after recording this attempt: disabling dead-letters what still waits
         store.disable_endpoint(pool, delivery["tenant_id"], delivery["url"],
                                f"410 Gone from the receiver at attempt {attempt} of delivery {delivery_id}")
