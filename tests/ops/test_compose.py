@@ -19,8 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SCHEMA_FILE = Path(__file__).resolve().parent / "compose-spec.json"
 
-EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "router", "worker", "ingest", "flower"}
-APP_SERVICES = ("api", "router", "worker", "ingest", "flower")
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "router", "worker", "worker-cpu", "webhooks", "ingest",
+                     "flower", "prometheus", "grafana"}
+APP_SERVICES = ("api", "router", "worker", "worker-cpu", "webhooks", "ingest", "flower")
+#: run once and exit (restart "no"): no health check, others wait for them to complete
+ONE_SHOT = {"migrate", "model"}
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +234,56 @@ def test_entry_modules_exist(compose):
             checked.append(module)
     assert {"ops.admin", "workers.router", "workers.gpu", "workers.ingest_worker", "api.wsgi",
             "tasks.app"} <= set(checked), checked
+
+
+def test_cpu_variant_of_the_worker_runs_the_same_worker_without_a_gpu(compose):
+    services = compose["services"]
+    gpu, cpu = services["worker"], services["worker-cpu"]
+    assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]  # one or the other (COMPOSE_PROFILES)
+    assert _argv(cpu["command"]) == _argv(gpu["command"]) == ["python", "-m", "workers.gpu"]
+    assert cpu["build"]["args"]["EXTRAS"] == "cpu" and cpu["image"] == "switchyard:cpu"
+    assert "deploy" not in cpu
+    env = _environment(cpu)
+    assert env["SWITCHYARD_MODEL_PATH"] == _environment(gpu)["SWITCHYARD_MODEL_PATH"]
+    assert env.get("SWITCHYARD_NODE_ID") and env.get("SWITCHYARD_KV_CACHE_GIB")
+    assert cpu["volumes"] == gpu["volumes"] and cpu["depends_on"] == gpu["depends_on"]
+    assert cpu["healthcheck"] == gpu["healthcheck"]
+    # Prometheus scrapes `worker`: whichever of the two runs answers to that name
+    assert "worker" in cpu["networks"]["default"]["aliases"]
+    example = (REPO / "ops" / "compose.env.example").read_text()
+    assert re.search(r"^COMPOSE_PROFILES=(gpu|cpu)$", example, re.M), "the example .env picks no worker"
+
+
+def test_every_long_running_service_has_a_health_check_and_waits_on_conditions(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service["restart"] == "no", name
+            continue
+        check = service.get("healthcheck")
+        assert check and check.get("test") and not check.get("disable"), f"{name} has no health check"
+        assert {"interval", "timeout", "retries"} <= set(check), name
+        deps = service.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: depends_on without conditions"
+        for dep, rule in deps.items():
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert rule["condition"] == wanted, (name, dep, rule)
+            assert dep in ONE_SHOT or services[dep].get("healthcheck"), f"{name} waits on {dep}, which has no health check"
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_monitoring_is_pinned_guarded_and_on_loopback_only(compose):
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        image = services[name]["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned to a release"
+    grafana = _environment(services["grafana"])
+    assert _secret(grafana["GF_SECURITY_ADMIN_PASSWORD"]) == "SWITCHYARD_GRAFANA_ADMIN_PASSWORD"
+    assert str(grafana["GF_USERS_ALLOW_SIGN_UP"]) == "false"
+    assert "SWITCHYARD_GRAFANA_ADMIN_PASSWORD=" in (REPO / "ops" / "compose.env.example").read_text()
+    assert [str(p) for p in services["prometheus"]["ports"]] == ["127.0.0.1:9090:9090"]
+    assert [str(p) for p in services["grafana"]["ports"]] == ["127.0.0.1:3000:3000"]
+    # nothing but the API is published beyond the host's loopback
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert name == "api" or str(port).startswith("127.0.0.1:"), (name, port)
