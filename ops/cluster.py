@@ -267,6 +267,13 @@ def show_webhook(key: str, job_id: str, timeout: float = 30) -> None:
           f"GET /v1/jobs/{job_id}/deliveries\n")
 
 
+def metrics_ports() -> dict[str, int]:
+    """The port each Celery process of the cluster serves its metrics on (tasks/metrics/exposition.py)."""
+    from tasks.metrics.exposition import ROLE_PORTS, role_port
+
+    return {role: role_port(_SETTINGS, role) for role in ROLE_PORTS if role_port(_SETTINGS, role)}
+
+
 # --- commands -------------------------------------------------------------------------------------
 
 
@@ -304,6 +311,8 @@ def up(args) -> None:
     say(f"up in {time.monotonic() - started:.0f} s")
     say(f"API     http://127.0.0.1:{API_PORT}   (try: curl http://127.0.0.1:{API_PORT}/readyz)")
     say(f"Flower  http://127.0.0.1:{FLOWER_PORT}")
+    say(f"Metrics http://127.0.0.1:{API_PORT}/metrics (API and cluster state); "
+        + ", ".join(f"{role} :{port}" for role, port in metrics_ports().items()))
     say(f"Webhook receiver {RECEIVER_URL}   (events in {WEBHOOKS_SEEN}; log {LOGS / 'receiver.log'})")
     say(f"API key {key}   (also in {HOME / 'demo-api-key'}; URLs in {HOME / 'env'})")
     say("stop everything with: make down")
