@@ -58,6 +58,8 @@ class Cluster(ProcessGroup):
         settings = {**(FAST_TIMING if fast else {}), **settings}
         env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1", "SWITCHYARD_MODEL_PATH": str(model_path),
+               # no metrics port unless a start asks for one: several clusters share a host
+               "SWITCHYARD_METRICS_PORT": "0",
                **{f"SWITCHYARD_{k.upper()}": str(v) for k, v in settings.items()}}
         super().__init__(log_dir, env, grace=30)
         self.settings = Settings(database_url=database_url, redis_url=redis_url, model_path=model_path,

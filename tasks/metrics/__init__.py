@@ -25,6 +25,7 @@ running/waiting/token series under the same names so orchestration runs fill the
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,6 +33,8 @@ from datetime import datetime
 from prometheus_client import Counter, Gauge, Histogram
 
 from tasks.jobs.status import JobStatus
+
+log = logging.getLogger(__name__)
 
 #: request and attempt latencies, seconds (an API request, a webhook attempt, a search)
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600)
@@ -148,13 +151,18 @@ def routing_decision(strategy: str, node_id: str, waited: float | None = None) -
 
 
 def reconciler_sweep(counts: dict[str, int], seconds: float) -> None:
-    """One sweep this process ran, with its counts (Reconciler.sweep's dict); unknown keys are a bug."""
+    """One sweep this process ran, with its counts (Reconciler.sweep's dict, each key an action). An
+    action missing from RECONCILER_ACTIONS is still counted, and logged once: describe it there."""
     reconciler_sweep_seconds.observe(seconds)
     for action, n in counts.items():
-        if action not in RECONCILER_ACTIONS:
-            raise ValueError(f"unknown reconciler action {action!r}: describe it in RECONCILER_ACTIONS")
+        if action not in RECONCILER_ACTIONS and action not in _undescribed:
+            _undescribed.add(action)
+            log.warning("reconciler action %r is not described in tasks.metrics.RECONCILER_ACTIONS", action)
         if n:
             reconciler_actions.labels(action).inc(n)
+
+
+_undescribed: set[str] = set()
 
 
 def webhook_attempt(outcome: str, seconds: float | None) -> None:

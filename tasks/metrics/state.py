@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tasks.jobs.status import ACTIVE_VALUES
 from tasks.names import INGEST_QUEUE, WEBHOOKS_QUEUE, node_queue, route_queue
-from tasks.routing import registry
+from tasks.routing import fair_queue, registry
 from tasks.routing.strategies import NAMES as STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,12 @@ class StateCollector:
             "queue_depth": g("switchyard_queue_depth",
                              "Messages waiting in a broker queue (route.<strategy>, node.<id> of each live node, "
                              "webhooks, ingest).", labels=["queue"]),
+            "fair_queue": g("switchyard_fair_queue_depth",
+                            "Jobs waiting in the fair queue for a node with room, by model and priority class.",
+                            labels=["model", "priority"]),
+            "fair_tenants": g("switchyard_fair_queue_tenants",
+                              "Tenants with jobs waiting in the fair queue, by model and priority class.",
+                              labels=["model", "priority"]),
             "unacked": g("switchyard_queue_unacked",
                          "Messages delivered to a consumer and not yet acknowledged, all queues together."),
             "jobs": g("switchyard_jobs", "Jobs now in each active status (queued, routed, running).", labels=["status"]),
@@ -119,6 +125,10 @@ class StateCollector:
         for i, queue in enumerate(queues):
             families["queue_depth"].add_metric([queue], sum(lengths[i * steps:(i + 1) * steps]))
         families["unacked"].add_metric([], lengths[-1])
+        for model in sorted(fair_queue.waiting_models(self.redis)):
+            for klass, tenants in fair_queue.depth(self.redis, model).items():
+                families["fair_queue"].add_metric([model, klass], sum(tenants.values()))
+                families["fair_tenants"].add_metric([model, klass], len(tenants))
         now = time.time()
         for node in nodes:
             for suffix, (_, value) in NODE_GAUGES.items():
