@@ -42,7 +42,9 @@ class Response:
 
 # --- the body -----------------------------------------------------------------------------------
 
-_TIMESTAMPS = ("created_at", "routed_at", "started_at", "finished_at")
+#: every timestamp the job resource shows (tasks.jobs.resource): the trigger's snapshot holds them as text
+_TIMESTAMPS = ("created_at", "routed_at", "started_at", "retrieval_started_at", "retrieved_at", "finished_at",
+               "cancel_at")
 
 
 def payload(delivery: dict) -> bytes:
