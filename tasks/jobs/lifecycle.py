@@ -134,6 +134,17 @@ def route(app, job_id, attempt: int, node_id: str) -> str | None:
     return node_id
 
 
+def route_many(app, items: list[tuple[str, int, str]]) -> None:
+    """route() for many (job id, attempt, node id): one Postgres statement for all of them, then their
+    node messages. A job that was not queued at that attempt takes route()'s own path."""
+    moved = store.mark_routed_many(app.db, items)
+    for job_id, attempt, node_id in items:
+        if (str(job_id), attempt) in moved:
+            send_to_node(app, job_id, attempt, node_id)
+        else:
+            route(app, job_id, attempt, node_id)
+
+
 def wait_for_node(app, job_id, attempt: int) -> bool:
     """A queued job finds no routable node yet: keep it queued (and out of the reconciler's stalled
     jobs) while its route message waits; False when it moved on, so the message can be dropped."""

@@ -160,6 +160,23 @@ def mark_routed(pool: ConnectionPool, job_id, attempt: int, node_id: str) -> dic
         ).fetchone()
 
 
+def mark_routed_many(pool: ConnectionPool, items: list[tuple[str, int, str]]) -> set[tuple[str, int]]:
+    """mark_routed for many (job id, attempt, node id) in one statement; returns the (job id, attempt)
+    pairs that moved (the others were not queued at that attempt)."""
+    if not items:
+        return set()
+    ids, attempts, nodes = (list(column) for column in zip(*items))
+    with pool.connection() as conn:
+        rows = conn.execute(
+            """UPDATE jobs SET status = 'routed', node_id = v.node_id, routed_at = now()
+                 FROM unnest(%s::uuid[], %s::int[], %s::text[]) AS v(id, attempt, node_id)
+                WHERE jobs.id = v.id AND jobs.attempt = v.attempt AND jobs.status = 'queued'
+            RETURNING jobs.id::text, jobs.attempt""",
+            ([str(i) for i in ids], attempts, nodes),
+        ).fetchall()
+    return {(r["id"], r["attempt"]) for r in rows}
+
+
 def mark_waiting(pool: ConnectionPool, job_id, attempt: int) -> bool:
     """A queued job still waiting for a node: bump its due time, so the reconciler does not take it for
     one whose route message was lost. False when the job is no longer queued at this attempt."""

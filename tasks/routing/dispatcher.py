@@ -96,22 +96,22 @@ class Dispatcher:
         if not limits[fair_queue.INTERACTIVE]:
             return 0
         entries = fair_queue.pop(self.app.redis, model, limits)
-        for i, entry in enumerate(entries):
-            candidates = [n for n in nodes if free[n["id"]] > 0] or nodes
-            member = registry.member(entry.job_id, entry.attempt)
-            try:
-                node = STRATEGIES[entry.strategy](self.app.redis, candidates, model=model, member=member,
+        chosen: list[tuple[str, int, str]] = []
+        try:
+            for entry in entries:
+                candidates = [n for n in nodes if free[n["id"]] > 0] or nodes
+                node = STRATEGIES[entry.strategy](self.app.redis, candidates, model=model,
+                                                  member=registry.member(entry.job_id, entry.attempt),
                                                   key=entry.affinity_key or entry.job_id)
                 free[node["id"]] -= 1
-                try:
-                    lifecycle.route(self.app, entry.job_id, entry.attempt, node["id"])
-                except TRANSIENT:
-                    registry.release(self.app.redis, node["id"], [member])
-                    raise
-            except TRANSIENT:
-                for left in entries[i:]:  # back in line, for the next pass
-                    fair_queue.push(self.app.redis, model, left)
-                raise
+                chosen.append((entry.job_id, entry.attempt, node["id"]))
+            lifecycle.route_many(self.app, chosen)
+        except TRANSIENT:
+            # Back in line for the next pass (a job already routed is sent again then, harmlessly).
+            for job_id, attempt, node_id in chosen:
+                registry.release(self.app.redis, node_id, [registry.member(job_id, attempt)])
+            fair_queue.push_many(self.app.redis, [(model, entry, None) for entry in entries])
+            raise
         return len(entries)
 
     def _fail_if_abandoned(self, model: str) -> None:

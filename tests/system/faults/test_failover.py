@@ -18,7 +18,8 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 def test_sigkill_one_of_three_nodes_with_300_jobs_in_flight(make_cluster):
-    cluster = make_cluster(max_num_seqs=16)
+    # Slots for every job: all 300 are on nodes (not waiting in the fair queue) when node-b dies.
+    cluster = make_cluster(max_num_seqs=16, node_slots=300)
     for node in NODES:
         cluster.start_worker(node, token_seconds=0.01)  # 100 tokens = 1 s per job; 16 at once per node
     cluster.start_router()

@@ -141,7 +141,8 @@ def test_an_engine_failure_nobody_recognises_is_retried_not_failed(make_cluster)
 def test_long_sweeps_never_overlap(make_cluster):
     """(e) The reconciler's lock used to expire after 1 s and never be extended, so a long sweep (here:
     a node dies holding ~200 jobs, each taken back one by one) overlapped the next router's."""
-    cluster = make_cluster(fast=False, max_num_seqs=64)
+    # Slots for every job: all 600 are on nodes (not waiting in the fair queue) when node-b dies.
+    cluster = make_cluster(fast=False, max_num_seqs=64, node_slots=600)
     for node in ("node-a", "node-b", "node-c"):
         cluster.start_worker(node, token_seconds=0.01)  # 2 s per job
     cluster.start_router("router-1")

@@ -77,10 +77,9 @@ def round_robin_workload(make_cluster, strategy: str) -> None:
     assert {n: counts[n] for n in NODES} == {n: 100 for n in NODES}, counts
     attempts = Counter(r["attempt"] for r in rows)
     assert cursor == 300 and attempts == {1: 300}, (cursor, attempts)
-    # Both routers really routed (each Celery log line names the task it ran).
-    for router in ("router-1", "router-2"):
-        log = cluster.log(router, tail=200_000)
-        assert "switchyard.route" in log and "succeeded in" in log, router
+    # Two routers ran, and one of them led the dispatching (the other stands by to take over).
+    leaders = [r for r in ("router-1", "router-2") if "this router is now the dispatcher" in cluster.log(r, tail=200_000)]
+    assert len(leaders) == 1, leaders
 
 
 def test_round_robin_is_exact_with_two_routers(make_cluster):
