@@ -57,7 +57,10 @@ def register_simulated(engine, model_name: str, registry=REGISTRY) -> SimulatedE
     reports one engine, as vLLM's stat logger replaces its predecessor's series)."""
     previous = _registered.pop(id(registry), None)
     if previous is not None:
-        registry.unregister(previous)
+        try:
+            registry.unregister(previous)
+        except KeyError:  # already taken out
+            pass
     stats = _registered[id(registry)] = SimulatedEngineStats(engine, model_name)
     registry.register(stats)
     return stats

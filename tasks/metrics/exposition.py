@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,34 @@ def role_port(settings, role: str) -> int | None:
     return port or None
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+def text_format_only(app):
+    """`app` answering in the Prometheus text format whatever the scraper prefers. prometheus_client
+    (0.26) writes OpenMetrics sample names with `:` turned into `_` unless the scraper asks for UTF-8
+    names (Prometheus 2.x does not), so vLLM's `vllm:generation_tokens_total` would be stored as
+    `vllm_generation_tokens_total`; the text format keeps every name as registered."""
+
+    def wrapped(environ, start_response):
+        return app({**environ, "HTTP_ACCEPT": "text/plain; version=0.0.4"}, start_response)
+
+    return wrapped
+
+
+def start_server(port: int, addr: str, registry=REGISTRY) -> WSGIServer:
+    """prometheus_client's start_http_server, in the text format only (text_format_only)."""
+    httpd = make_server(addr, port, text_format_only(make_wsgi_app(registry)), _Server, handler_class=_Quiet)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
+
+
 def serve(settings, role: str) -> int | None:
     """Serve this process's default registry over HTTP (a daemon thread); returns the port, or None.
 
@@ -32,7 +63,7 @@ def serve(settings, role: str) -> int | None:
     if port is None:
         return None
     try:
-        start_http_server(port, addr=settings.metrics_addr)
+        start_server(port, settings.metrics_addr)
     except OSError as exc:
         log.warning("metrics: cannot listen on %s:%d (%s); this %s process exports no metrics (give each "
                     "process on a host its own SWITCHYARD_METRICS_PORT)", settings.metrics_addr, port, exc, role)

@@ -130,8 +130,15 @@ def test_an_unreachable_backend_is_reported_and_the_rest_still_read(app):
 # --- Celery processes -----------------------------------------------------------------------------
 
 
+#: what Prometheus 2.x asks for: OpenMetrics first, with no UTF-8 names
+PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                       "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
 def _get(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": PROMETHEUS_2_ACCEPT})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return resp.read().decode()
 
 
@@ -140,14 +147,22 @@ def test_a_celery_worker_serves_its_registry_from_worker_init(app):
     create_celery connected serves this process's registry, vLLM-style engine series and all."""
     from tasks.celery_app import create_celery
 
+    from prometheus_client import REGISTRY
+
     port = free_port()
     router = create_celery(app.settings.model_copy(update={"metrics_port": port}))
     metrics.job_transition("succeeded")
-    router.Worker(hostname="router@metrics-test", queues=["route.round_robin"], pool="threads", concurrency=1)
-    samples = metric_samples(_get(port))  # the text parses
+    engine = register_simulated(SimulatedEngine(token_seconds=1, max_num_seqs=1, tokenizer=_Tokenizer()), "m")
+    try:
+        router.Worker(hostname="router@metrics-test", queues=["route.round_robin"], pool="threads", concurrency=1)
+        samples = metric_samples(_get(port))  # the text parses
+    finally:
+        REGISTRY.unregister(engine)
     assert metric_value(samples, "switchyard_job_transitions_total", status="succeeded") >= 1
     assert ("switchyard_reconciler_actions_total", frozenset({"action": "rerouted"}.items())) in samples
     assert any(k[0].startswith("process_") for k in samples)  # the process's own, from the default registry
+    # vLLM's names as registered, with their colon, whatever format the scraper prefers
+    assert ("vllm:num_requests_waiting", frozenset({"model_name": "m", "engine": "0"}.items())) in samples
 
 
 def test_each_process_kind_has_its_own_port_and_a_taken_port_is_skipped(app, caplog):
