@@ -125,6 +125,17 @@ def group(env: dict[str, str] | None = None) -> ProcessGroup:
     return ProcessGroup(LOGS, env, run_dir=RUN, grace=20)
 
 
+#: Flower's Tasks page: each generation's job (args: job id, attempt), tokens (result) and retries too
+FLOWER_COLUMNS = "name,uuid,state,args,result,received,started,runtime,worker,retries"
+
+
+def flower_login(env: dict[str, str]) -> str:
+    if env.get("FLOWER_BASIC_AUTH"):
+        return "login required (FLOWER_BASIC_AUTH)"
+    return ("no login: loopback only, for this quickstart; export FLOWER_BASIC_AUTH=user:password for one "
+            "(docker-compose.yml requires it)")
+
+
 def processes(env: dict[str, str]) -> dict[str, list[str]]:
     py = sys.executable
     return {
@@ -135,7 +146,9 @@ def processes(env: dict[str, str]) -> dict[str, list[str]]:
         "ingest": [py, "-m", "workers.ingest_worker"],
         "receiver": [py, "-m", "ops.receiver", "--port", str(RECEIVER_PORT), "--secret-file", str(WEBHOOK_SECRET),
                      "--out", str(WEBHOOKS_SEEN)],
-        "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}", "--address=127.0.0.1"],
+        # Loopback only; FLOWER_BASIC_AUTH (user:password) in the environment turns its login on.
+        "flower": [py, "-m", "celery", "-A", "tasks.app", "flower", f"--port={FLOWER_PORT}",
+                   "--address=127.0.0.1", f"--tasks_columns={FLOWER_COLUMNS}"],
     }
 
 
@@ -310,7 +323,7 @@ def up(args) -> None:
         run_rag_sample(key)
     say(f"up in {time.monotonic() - started:.0f} s")
     say(f"API     http://127.0.0.1:{API_PORT}   (try: curl http://127.0.0.1:{API_PORT}/readyz)")
-    say(f"Flower  http://127.0.0.1:{FLOWER_PORT}")
+    say(f"Flower  http://127.0.0.1:{FLOWER_PORT}   ({flower_login(env)})")
     say(f"Metrics http://127.0.0.1:{API_PORT}/metrics (API and cluster state); "
         + ", ".join(f"{role} :{port}" for role, port in metrics_ports().items()))
     say(f"Webhook receiver {RECEIVER_URL}   (events in {WEBHOOKS_SEEN}; log {LOGS / 'receiver.log'})")

@@ -4,18 +4,54 @@ process that uses them (after gunicorn's or Celery's fork)."""
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import cached_property, partial
 
 import redis
 from celery import Celery
+from celery.app.events import Events
+from celery.events.dispatcher import EventDispatcher
 
 from tasks.names import route_queue
 from tasks.settings import Settings
 
 
+class SafeEventDispatcher(EventDispatcher):
+    """Celery's event dispatcher without the lost task events of threads-pool workers.
+
+    A worker on an event loop (Redis) buffers task events, which its pool threads add, and the loop
+    publishes them together. Celery 5.6.3 loses some two ways, and Flower then showed tasks of the router
+    and the webhooks worker unfinished (or only sent) forever:
+    * flush() empties the buffer after publishing it, dropping what threads added meanwhile
+      (celery/celery#10434; fixed in #10435, unreleased): here it publishes a copy and removes only that;
+    * a pool thread asks for the flush by adding to the loop's ready set directly
+      (Consumer.on_send_event_buffered), racing the loop as it takes that set, and the request is lost
+      until the next event: here it goes through the loop's call_soon, thread-safe, which wakes it."""
+
+    def __init__(self, *args, on_send_buffered=None, **kwargs):
+        hub = getattr(getattr(on_send_buffered, "__self__", None), "hub", None)  # the consumer's loop
+        if hub is not None:
+            on_send_buffered = partial(hub.call_soon, self.flush)
+        super().__init__(*args, on_send_buffered=on_send_buffered, **kwargs)
+
+    def flush(self, errors=True, groups=True):
+        super().flush(errors=errors, groups=False)
+        if groups:
+            with self.mutex:
+                for group, events in self._group_buffer.items():
+                    if events:
+                        batch = list(events)
+                        self._publish(batch, self.producer, f"{group}.multi")
+                        del events[:len(batch)]
+
+
+class SafeEvents(Events):
+    dispatcher_cls = SafeEventDispatcher
+
+
 class SwitchyardCelery(Celery):
     """A Celery app that carries the settings and the process's Redis and Postgres handles."""
 
+    events_cls = SafeEvents
     settings: Settings
     #: set by the GPU worker at boot (workers.node.Node): callable(list[(job_id, attempt)]) -> None
     node = None
@@ -69,6 +105,8 @@ def create_celery(settings: Settings) -> SwitchyardCelery:
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
+        # Loaded by every worker at start: the task events of celery-batches tasks, which it sends none of.
+        imports=("workers.batch",),
         worker_hijack_root_logger=False,
     )
     # Every worker process (router, GPU, webhooks, ingest) serves its metrics on a port of its own from

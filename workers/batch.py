@@ -4,6 +4,9 @@
 job's outcome the moment that job finishes, so one long job never holds back the others. It raises for
 nothing a job does: every job ends with a result or a typed error (tasks.errors), and what happens next
 (recorded, retried) is the caller's business (workers.node). Tested with the SimulatedEngine alone.
+
+Below the core, the batching glue's duty towards operators: the Celery task events of every message of a
+celery-batches task (generate, route), which celery-batches does not send (see "What Flower shows").
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
+from celery import signals, states
+from celery_batches import Batches
+
 from tasks.logs import job_fields
 from tasks.errors import ErrorKind, JobError
+from tasks.names import GENERATE_TASK, ROUTE_TASK
 from tasks.prompting import prompt_token_ids
 from workers.engine import EngineError
 
@@ -57,6 +65,9 @@ def _report(on_outcome, outcome: Outcome) -> None:
     except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
         log.exception("job %s: could not record its outcome", outcome.job["id"],
                       extra=job_fields(outcome.job["id"], outcome.job.get("attempt")))
+    batch = getattr(_running, "batch", None)  # the celery-batches batch this thread runs, if any
+    if batch is not None:
+        batch.finished(outcome)
 
 
 class BatchCore:
@@ -152,3 +163,184 @@ class BatchCore:
     def _forget(self, job: dict) -> None:
         with self._lock:
             self._inflight.pop(str(job["id"]), None)
+
+
+# --- What Flower shows ----------------------------------------------------------------------------
+#
+# celery-batches (0.11) runs a batch as one call in a pool thread and sends no task events for its
+# messages (clokep/celery-batches#33, #70; upstream support, #104, is unreleased), so Flower, built from
+# task events, never saw a generation (nor a route message): the GPU worker had processed 0 tasks. Here
+# each message of a celery-batches task gets the events Celery sends for any task, from the worker's
+# hostname: task-received when the worker takes it, task-started when its batch starts, and one ending.
+# A generation ends when its job does in the batch core (uuid `job id:attempt`): task-succeeded with its
+# runtime, task-retried for a retryable error (the job goes round again as its next attempt, or to its
+# dead letter if it has none left) or task-failed; one that never reached the engine (its job was
+# cancelled or superseded meanwhile, or its retrieval failed) ends task-revoked. A message of another
+# batch task (route) ends with its batch: task-succeeded, or task-failed if the batch raised. For
+# messages of a job (args: job id, attempt, …) `retries` is the job's attempt - 1.
+#
+# Cost: an event published alone costs ~0.25 ms of CPU (a PUBLISH through kombu), three per message. So
+# the hot path only appends to a queue, and one thread publishes what queued every EVENT_FLUSH_SECONDS
+# as one Celery `task.multi` message (a list of events, which event receivers take apart): ~0.03 ms per
+# event. Events follow the worker's switch (`celery control enable_events / disable_events`). The timer
+# thread may flush a batch while the consumer is still announcing its last message, so a task-received
+# can follow its task-started; event receivers (Flower's too) merge it all the same.
+#
+# Worker processes load these handlers through the Celery app's `imports` (tasks.celery_app).
+
+EVENT_FLUSH_SECONDS = 0.25
+
+
+class EventOutbox:
+    """Task events queued by any thread and published by one, each flush as one `task.multi` message
+    per hostname. Best effort, like Celery's own events: an event the broker refuses is dropped."""
+
+    def __init__(self, interval: float = EVENT_FLUSH_SECONDS):
+        self.interval = interval
+        self._events: deque = deque()
+        self._lock = threading.Lock()
+        self._app = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, app, hostname: str, type_: str, **fields) -> None:
+        fields.setdefault("timestamp", time.time())  # when it happened, not when it is published
+        self._events.append((hostname, type_, fields))
+        if self._thread is None:
+            self._start(app)
+
+    def _start(self, app) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._app = app
+                self._thread = threading.Thread(target=self._run, name="task-events", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            by_host: dict[str, list] = defaultdict(list)
+            while self._events:
+                hostname, type_, fields = self._events.popleft()
+                by_host[hostname].append((type_, fields))
+            if not by_host:
+                return
+            try:
+                with self._app.producer_pool.acquire(block=True) as producer:
+                    for hostname, events in by_host.items():
+                        dispatcher = self._app.events.Dispatcher(
+                            producer.connection, hostname=hostname, channel=producer.channel,
+                            buffer_while_offline=False, buffer_group=["task"], buffer_limit=len(events) + 1)
+                        for type_, fields in events:
+                            dispatcher.send(type_, **fields)
+                        dispatcher.flush(errors=False)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never disturb the work
+                log.warning("dropped %d task events: %r", sum(map(len, by_host.values())), exc)
+
+
+class BatchEvents:
+    """The task events of one running batch's messages."""
+
+    def __init__(self, task, outbox: EventOutbox, requests):
+        self.app, self.outbox, self.name = task.app, outbox, task.name
+        self._open = {r.id: r for r in requests}
+        self._started = time.monotonic()
+        # A generation's outcome names its job: id and attempt, the generate task's arguments.
+        self._by_job = ({(str(r.args[0]), int(r.args[1])): r for r in reversed(requests)}
+                        if task.name == GENERATE_TASK else {})
+
+    def started(self) -> None:
+        for request in self._open.values():
+            self._send(request, "task-started")
+
+    def finished(self, outcome: Outcome) -> None:
+        request = self._by_job.get((str(outcome.job["id"]), int(outcome.job["attempt"])))
+        if request is None or self._open.pop(request.id, None) is None:
+            return
+        error, runtime = outcome.error, round(outcome.seconds, 6)
+        if error is None:
+            usage = outcome.result["usage"]
+            self._send(request, "task-succeeded", runtime=runtime, result=repr(
+                {"finish_reason": outcome.result["finish_reason"], "prompt_tokens": usage["prompt_tokens"],
+                 "completion_tokens": usage["completion_tokens"]}))
+        else:
+            self._send(request, "task-retried" if error.retryable else "task-failed", runtime=runtime,
+                       exception=f"{error.kind.value}: {error.message}", traceback="")
+
+    def close(self, state: str) -> None:
+        """The batch returned (state SUCCESS) or raised: end the messages that have not ended."""
+        runtime = round(time.monotonic() - self._started, 6)
+        for request in self._open.values():
+            if state != states.SUCCESS:
+                self._send(request, "task-failed", runtime=runtime, traceback="",
+                           exception="its batch raised (see the worker's log)")
+            elif self.name == GENERATE_TASK:
+                self._send(request, "task-revoked", terminated=False, expired=False, signum=None,
+                           reason="not generated: its job was cancelled or superseded, or retrieval failed")
+            else:
+                self._send(request, "task-succeeded", runtime=runtime,
+                           result=f"'in a batch of {len(self._open)}'")
+        self._open.clear()
+
+    def _send(self, request, type_: str, **fields) -> None:
+        # `retries` on every event, not only task-received: the task-sent of a message says 0 (Celery's
+        # count) and, should it arrive late, would overwrite it.
+        self.outbox.put(self.app, request.hostname, type_, uuid=request.id, retries=_retries(request),
+                        **fields)
+
+
+def _retries(request) -> int:
+    """What Flower shows as a message's retries: its job's earlier attempts, for a job's messages."""
+    if request.name in (GENERATE_TASK, ROUTE_TASK):  # args: job id, attempt, …
+        return int(request.args[1]) - 1
+    return (request.request_dict or {}).get("retries", 0)
+
+
+_outbox = EventOutbox()
+_running = threading.local()  # .batch: the BatchEvents of the batch this pool thread runs
+_consumer = None  # the worker's consumer: its event dispatcher says whether task events are on
+
+
+def _task_events_on() -> bool:
+    dispatcher = getattr(_consumer, "event_dispatcher", None)
+    return bool(dispatcher and dispatcher.enabled and (not dispatcher.groups or "task" in dispatcher.groups))
+
+
+@signals.task_received.connect
+def _on_received(sender=None, request=None, **_) -> None:
+    """The consumer took a message (celery-batches' strategy sends this signal for each one it buffers)."""
+    global _consumer
+    if not isinstance(request.task, Batches):
+        return  # Celery sends the events of other tasks itself
+    _consumer = sender
+    if _task_events_on():
+        _outbox.put(sender.app, sender.hostname, "task-received", uuid=request.id, name=request.name,
+                    args=request.argsrepr, kwargs=request.kwargsrepr, root_id=request.root_id,
+                    parent_id=request.parent_id, retries=_retries(request),
+                    eta=request.eta and request.eta.isoformat(),
+                    expires=request.expires and request.expires.isoformat())
+
+
+@signals.task_prerun.connect
+def _on_batch_start(task=None, args=None, **_) -> None:
+    """celery-batches starts a batch, in the pool thread that runs it: args is ([SimpleRequest, …],)."""
+    if isinstance(task, Batches) and args and isinstance(args[0], list) and _task_events_on():
+        _running.batch = BatchEvents(task, _outbox, args[0])
+        _running.batch.started()
+
+
+@signals.task_postrun.connect
+def _on_batch_end(task=None, state=None, **_) -> None:
+    batch = getattr(_running, "batch", None)
+    if isinstance(task, Batches) and batch is not None:
+        _running.batch = None
+        batch.close(state)
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_) -> None:
+    """The pool has finished its batches: publish their last events now, not never."""
+    _outbox.flush()
