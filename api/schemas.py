@@ -117,6 +117,8 @@ class JobRequest(BaseModel):
     cache: bool = False
     # `interactive` jobs are dispatched before `batch` ones; batch work fills the capacity left over.
     priority: Literal[fair_queue.CLASSES] = fair_queue.INTERACTIVE
+    # Stream the text as it is produced: token deltas on GET /v1/jobs/{id}/events (tasks/jobs/events.py).
+    stream: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,4 +1,6 @@
-"""Long-poll support: one Redis subscriber thread per API process wakes every request waiting on a job.
+"""Long-poll and stream support: one Redis subscriber thread per API process wakes every request waiting
+on a job: long-polls when it finishes (FINISHED_CHANNEL), event streams when it has new events
+(tasks.jobs.events.EVENTS_CHANNEL).
 
 A waiter registers its event *before* re-reading the job from Postgres, so a job that finishes in
 between is seen either by the read or by the notification. When the subscription drops, every waiter
@@ -15,7 +17,10 @@ from contextlib import contextmanager
 
 import redis
 
+from tasks.jobs.events import EVENTS_CHANNEL
 from tasks.jobs.notify import FINISHED_CHANNEL
+
+_CHANNELS = (FINISHED_CHANNEL, EVENTS_CHANNEL)
 
 log = logging.getLogger(__name__)
 
@@ -23,29 +28,30 @@ log = logging.getLogger(__name__)
 class JobWaiter:
     def __init__(self, redis_url: str):
         self._redis_url = redis_url
-        self._events: dict[str, set[threading.Event]] = defaultdict(set)
+        self._events: dict[tuple[str, str], set[threading.Event]] = defaultdict(set)  # (channel, job id) →
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watch(self, job_id: str, timeout: float = 5.0):
-        """Yield an Event set when `job_id` finishes (or when the subscription had to be renewed)."""
+    def watch(self, job_id: str, timeout: float = 5.0, channel: str = FINISHED_CHANNEL):
+        """Yield an Event set when `job_id` finishes, or with `channel=EVENTS_CHANNEL` when it has new
+        events (and whenever the subscription had to be renewed)."""
         self._ensure_listener()
         if not self._subscribed.wait(timeout):
             raise redis.ConnectionError("could not subscribe to job notifications")
-        event = threading.Event()
+        event, key = threading.Event(), (channel, job_id)
         with self._lock:
-            self._events[job_id].add(event)
+            self._events[key].add(event)
         try:
             yield event
         finally:
             with self._lock:
-                waiters = self._events.get(job_id)
+                waiters = self._events.get(key)
                 if waiters is not None:
                     waiters.discard(event)
                     if not waiters:
-                        del self._events[job_id]
+                        del self._events[key]
 
     def _ensure_listener(self) -> None:
         with self._lock:
@@ -53,9 +59,9 @@ class JobWaiter:
                 self._thread = threading.Thread(target=self._listen, name="job-waiter", daemon=True)
                 self._thread.start()
 
-    def _wake(self, job_id: str | None) -> None:
+    def _wake(self, key: tuple[str, str] | None) -> None:
         with self._lock:
-            groups = [self._events.get(job_id, ())] if job_id else list(self._events.values())
+            groups = [self._events.get(key, ())] if key else list(self._events.values())
             for events in groups:
                 for event in events:
                     event.set()
@@ -66,14 +72,14 @@ class JobWaiter:
             try:
                 client = redis.Redis.from_url(self._redis_url, socket_connect_timeout=2)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(FINISHED_CHANNEL)
+                pubsub.subscribe(*_CHANNELS)
                 pubsub.get_message(timeout=2)  # the subscribe confirmation
                 self._subscribed.set()
                 self._wake(None)  # a job may have finished while we were not subscribed
                 backoff = 0.1
                 for message in pubsub.listen():
                     if message and message["type"] == "message":
-                        self._wake(message["data"].decode())
+                        self._wake((message["channel"].decode(), message["data"].decode()))
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any Redis outage
                 log.warning("job notification subscription lost (%r); renewing", exc)
             self._subscribed.clear()

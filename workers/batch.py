@@ -74,8 +74,11 @@ class BatchCore:
     """Drives one engine for many batches at once (one per pool thread); knows which job runs where,
     so a cancelled job's generation can be aborted."""
 
-    def __init__(self, engine, tokenizer, *, job_timeout: float):
+    def __init__(self, engine, tokenizer, *, job_timeout: float, on_delta=None):
+        """`on_delta(job, text)`, when given, receives the new text of jobs submitted with `stream: true`
+        as the engine produces it, on the engine's loop (it must not block)."""
         self.engine, self.tokenizer, self.job_timeout = engine, tokenizer, job_timeout
+        self.on_delta = on_delta
         self._inflight: dict[str, str] = {}  # job id -> engine request id
         self._lock = threading.Lock()
 
@@ -128,7 +131,12 @@ class BatchCore:
             self._inflight[str(job["id"])] = request_id(job)
         # The tenant salts vLLM's prefix cache: one tenant's prompts never hit blocks another's filled,
         # so cache timing reveals nothing across tenants.
-        return self.engine.submit(request_id(job), ids, sampling, cache_salt=str(job.get("tenant_id") or ""))
+        streamed = None
+        if request.get("stream") and self.on_delta is not None:
+            def streamed(text: str, job=job) -> None:
+                self.on_delta(job, text)
+        return self.engine.submit(request_id(job), ids, sampling, cache_salt=str(job.get("tenant_id") or ""),
+                                  on_delta=streamed)
 
     def _outcome(self, job: dict, generation: int, future, seconds: float) -> Outcome:
         try:

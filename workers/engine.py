@@ -146,20 +146,21 @@ class VllmEngine:
     # -- requests ----------------------------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_ids: list[int], sampling: dict, *,
-               cache_salt: str | None = None) -> tuple[Future, int]:
+               cache_salt: str | None = None, on_delta=None) -> tuple[Future, int]:
         """Start one generation; returns its future and the engine generation it runs on. Requests with
-        different `cache_salt`s share no prefix-cache blocks."""
+        different `cache_salt`s share no prefix-cache blocks. `on_delta(text)`, when given, is called on
+        the engine's loop with each piece of new text as it is produced (it must not block)."""
         generation = self._generation
         engine = self._engine
         if engine is None:
             future: Future = Future()
             future.set_exception(EngineDead("the engine is restarting"))
             return future, generation
-        return asyncio.run_coroutine_threadsafe(self._generate(engine, request_id, prompt_ids, sampling, cache_salt),
-                                                self._loop), generation
+        return asyncio.run_coroutine_threadsafe(
+            self._generate(engine, request_id, prompt_ids, sampling, cache_salt, on_delta), self._loop), generation
 
     async def _generate(self, engine, request_id: str, prompt_ids: list[int], sampling: dict,
-                        cache_salt: str | None = None) -> Completion:
+                        cache_salt: str | None = None, on_delta=None) -> Completion:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -167,15 +168,23 @@ class VllmEngine:
 
         try:
             # FINAL_ONLY, as vLLM's own server does for a request that is not streamed: no output object
-            # (and no detokenized text so far) is built for the intermediate steps nobody reads.
-            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+            # (and no detokenized text so far) is built for the intermediate steps nobody reads. A
+            # streamed request gets each step's new text (DELTA), and its completion is their sum.
+            kind = RequestOutputKind.DELTA if on_delta else RequestOutputKind.FINAL_ONLY
+            params = SamplingParams(**sampling, output_kind=kind)
         except (ValueError, TypeError) as exc:
             raise RequestRejected(f"invalid sampling parameters: {exc}") from None
-        final = None
+        final, texts, tokens, prompt_tokens = None, [], 0, None
         try:
             prompt = TokensPrompt(prompt_token_ids=prompt_ids, **({"cache_salt": cache_salt} if cache_salt else {}))
             async for output in engine.generate(prompt, params, request_id):
                 final = output
+                prompt_tokens = prompt_tokens or (len(output.prompt_token_ids) if output.prompt_token_ids else None)
+                if on_delta and output.outputs:
+                    piece = output.outputs[0]
+                    texts.append(piece.text)
+                    tokens += len(piece.token_ids)
+                    on_delta(piece.text)
         except EngineDeadError as exc:
             raise EngineDead(f"the engine core died: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - classify by the engine's state, not the message
@@ -189,6 +198,8 @@ class VllmEngine:
         if final is None or not final.outputs:
             raise RequestRejected("the engine returned no output")
         out = final.outputs[0]
+        if on_delta:
+            return Completion("".join(texts), out.finish_reason, prompt_tokens or len(prompt_ids), tokens)
         return Completion(out.text, out.finish_reason, len(final.prompt_token_ids or prompt_ids), len(out.token_ids))
 
     def abort(self, request_id: str) -> None:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from tasks.logs import job_fields
 from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
-from tasks.jobs import lifecycle, store
+from tasks.jobs import events, lifecycle, store
 from tasks.retry import ride_out
 from tasks.routing import registry
 from workers.batch import BatchCore, Outcome
@@ -79,7 +79,8 @@ class Node:
         self.app, self.settings = app, app.settings
         self.retrieval = retrieval  # a workers.retrieval_phase.RetrievalPhase, for RAG jobs
         self.node_id = app.settings.node_id
-        self.core = BatchCore(engine, tokenizer, job_timeout=app.settings.job_timeout)
+        self.deltas = events.DeltaWriter(app.redis)  # the text of streamed jobs, as it is produced
+        self.core = BatchCore(engine, tokenizer, job_timeout=app.settings.job_timeout, on_delta=self.deltas.delta)
         self.ewma_job_seconds: float | None = None
         self.ewma_token_seconds: float | None = None
         self._failing = False  # a failure was reported to the registry and not yet cleared
@@ -151,6 +152,8 @@ class Node:
     def _record(self, outcome: Outcome) -> None:
         """Hand one outcome to the lifecycle; park it if Postgres stays away past the outage tolerance."""
         job, error = outcome.job, outcome.error
+        if (job.get("request") or {}).get("stream"):
+            self.deltas.flush()  # its last words reach its event stream before its end does
         if error is None:
             self._healthy(outcome)
             metrics.observe_phase("generation", outcome.seconds)

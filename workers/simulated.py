@@ -67,11 +67,11 @@ class SimulatedEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     def submit(self, request_id: str, prompt_ids: list[int], sampling: dict, *,
-               cache_salt: str | None = None) -> tuple[Future, int]:
+               cache_salt: str | None = None, on_delta=None) -> tuple[Future, int]:
         future: Future = Future()
 
         def schedule():
-            task = self._loop.create_task(self._generate(request_id, prompt_ids, sampling))
+            task = self._loop.create_task(self._generate(request_id, prompt_ids, sampling, on_delta))
             self._tasks[request_id] = task
 
             def done(t: asyncio.Task):
@@ -88,7 +88,7 @@ class SimulatedEngine:
         self._loop.call_soon_threadsafe(schedule)
         return future, self.generation
 
-    async def _generate(self, request_id: str, prompt_ids: list[int], sampling: dict) -> Completion:
+    async def _generate(self, request_id: str, prompt_ids: list[int], sampling: dict, on_delta=None) -> Completion:
         tokens = int(sampling.get("max_tokens") or 16)
         self.waiting += 1
         try:
@@ -104,11 +104,18 @@ class SimulatedEngine:
                 os._exit(137)
             if self.fail_marker and self.fail_marker in text and request_id.endswith(":1"):
                 raise RuntimeError("simulated engine failure of a kind no adapter recognises")
-            await asyncio.sleep(tokens * self.token_seconds)
+            if on_delta is None:
+                await asyncio.sleep(tokens * self.token_seconds)
+            else:  # streamed: one numbered word a step, so a reader can tell a lost or repeated piece
+                for i in range(tokens):
+                    await asyncio.sleep(self.token_seconds)
+                    on_delta(f"w{i} ")
         finally:
             self.running -= 1
             self._slots.release()
         self.generation_tokens += tokens
+        if on_delta is not None:
+            return Completion("".join(f"w{i} " for i in range(tokens)), "length", len(prompt_ids), tokens)
         return Completion(f"[simulated output: {tokens} tokens]", "length", len(prompt_ids), tokens)
 
     def abort(self, request_id: str) -> None:

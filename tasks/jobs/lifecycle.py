@@ -28,7 +28,7 @@ import time
 import redis as redis_lib
 
 from tasks.errors import TRANSIENT, ErrorKind, JobError, QueueUnavailable
-from tasks.jobs import cache, dead_letters, notify, store, stranded
+from tasks.jobs import cache, dead_letters, events, notify, store, stranded
 from tasks.jobs.status import JobStatus
 from tasks.logs import job_fields
 from tasks.names import GENERATE_TASK, ROUTE_TASK, node_queue, route_queue
@@ -59,8 +59,16 @@ def _release(app, node_id: str | None, job_id, attempt: int) -> None:
                      lambda: registry.release(app.redis, node_id, [registry.member(job_id, attempt)]))
 
 
-def _wake(app, job_id) -> None:
-    _best_effort("waking a job's waiters", lambda: notify.job_finished(app.redis, job_id))
+def _announce(app, job_id, status: str, attempt: int, *, finished: bool = True) -> None:
+    """A status event on the job's event stream; a finished job's long-polls woken too."""
+    def write():
+        with app.redis.pipeline(transaction=False) as pipe:
+            events.status(pipe, job_id, status, attempt)
+            if finished:
+                notify.job_finished(pipe, job_id)
+            pipe.execute()
+
+    _best_effort("announcing a job's status", write)
 
 
 def publish(app, job: dict, *, countdown: float = 0.0) -> None:
@@ -155,7 +163,7 @@ def fail_unroutable(app, job_id, attempt: int, error: JobError) -> bool:
     """queued → failed: no live node served the job's model before its deadline."""
     if not store.fail_queued_job(app.db, job_id, attempt, error.as_json()):
         return False
-    _wake(app, job_id)
+    _announce(app, job_id, JobStatus.FAILED.value, attempt)
     return True
 
 
@@ -163,6 +171,14 @@ def start(app, items: list[tuple[str, int]], node_id: str) -> list[dict]:
     """routed → running for a batch of (job id, attempt); returns the jobs this node may run. The
     others (cancelled, superseded by a newer attempt, or a duplicate message) give back their slot."""
     jobs = store.start_jobs(app.db, items, node_id)
+    if jobs:
+        def announce():
+            with app.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    events.status(pipe, job["id"], JobStatus.RUNNING.value, job["attempt"])
+                pipe.execute()
+
+        _best_effort("announcing started jobs", announce)
     started = {registry.member(j["id"], j["attempt"]) for j in jobs}
     skipped = [(str(i), a) for i, a in items if registry.member(i, a) not in started]
     if skipped:
@@ -182,7 +198,7 @@ def finish(app, job: dict, node_id: str, *, result: dict | None = None, error: J
                                 error=error.as_json() if error is not None else None)
     _release(app, node_id, job["id"], job["attempt"])
     if accepted:
-        _wake(app, job["id"])
+        _announce(app, job["id"], status.value, job["attempt"])
         if result is not None and cache.wanted(job.get("request") or {}):
             _best_effort("filling the result cache",
                          lambda: cache.remember(app.redis, job, result, app.settings.result_cache_ttl))
@@ -218,9 +234,10 @@ def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay:
     if row["status"] == JobStatus.QUEUED.value:
         log.warning("job %s: attempt %d in %.1f s", job["id"], row["attempt"], delay,
                     extra=job_fields(job["id"], row["attempt"], node_id))
+        _announce(app, job["id"], row["status"], row["attempt"], finished=False)
         _publish(app, row, countdown=delay)
     else:
-        _wake(app, job["id"])
+        _announce(app, job["id"], row["status"], row["attempt"])
     return row["status"]
 
 
@@ -232,7 +249,7 @@ def cancel(app, job_id, tenant_id, reason: str = "cancelled by the client") -> d
     if row is None:
         return None
     _best_effort("asking the node to abort", lambda: notify.cancel_requested(app.redis, job_id))
-    _wake(app, job_id)
+    _announce(app, job_id, row["status"], row["attempt"])
     return row
 
 
