@@ -125,8 +125,8 @@ def group(env: dict[str, str] | None = None) -> ProcessGroup:
     return ProcessGroup(LOGS, env, run_dir=RUN, grace=20)
 
 
-#: Flower's Tasks page: each generation's job (args: job id, attempt), tokens (result) and retries too
-FLOWER_COLUMNS = "name,uuid,state,args,result,received,started,runtime,worker,retries"
+#: Flower's Tasks page: state, worker, runtime and retries first, then args (job id, attempt) and result
+FLOWER_COLUMNS = "name,uuid,state,worker,runtime,retries,received,args,result"
 
 
 def flower_login(env: dict[str, str]) -> str:
