@@ -95,7 +95,7 @@ def send_to_node(app, job_id, attempt: int, node_id: str) -> None:
     """The job's generate message, on its node's queue. Its task id is the job's `job:attempt`
     member, so the reconciler can tell whether a routed job's message still exists."""
     app.send_task(GENERATE_TASK, args=[str(job_id), attempt], queue=node_queue(node_id),
-                  task_id=registry.member(job_id, attempt))
+                  task_id=registry.member(job_id, attempt), retries=attempt - 1)  # as Flower shows it
 
 
 # --- transitions -----------------------------------------------------------------------------------
