@@ -27,6 +27,7 @@ import time
 
 import redis as redis_lib
 
+from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError, QueueUnavailable
 from tasks.jobs import cache, dead_letters, events, notify, store, stranded
 from tasks.jobs.status import JobStatus
@@ -121,6 +122,10 @@ def submit(app, **job) -> tuple[dict, bool]:
         except _REDIS_FAILURES as exc:
             store.delete_unpublished_job(app.db, row["id"])
             raise QueueUnavailable("the job queue is unreachable; nothing was stored") from exc
+    if created:
+        metrics.job_transition(JobStatus.QUEUED)
+        if hit is not None:
+            metrics.job_transition(JobStatus.SUCCEEDED)
     return row, created
 
 
@@ -131,7 +136,9 @@ def route(app, job_id, attempt: int, node_id: str) -> str | None:
     A job already routed at this attempt (an earlier try of this route message marked it, then could
     not publish, or its router died in between) is sent again to the node it was routed to: a
     duplicate message is harmless, since a start is fenced by the attempt."""
-    if store.mark_routed(app.db, job_id, attempt, node_id) is None:
+    if store.mark_routed(app.db, job_id, attempt, node_id) is not None:
+        metrics.job_transition(JobStatus.ROUTED)
+    else:
         routed_to = store.routed_node(app.db, job_id, attempt)
         if routed_to != node_id:  # the strategy counted the job on a node it is not going to
             _release(app, node_id, job_id, attempt)
@@ -146,6 +153,7 @@ def route_many(app, items: list[tuple[str, int, str]]) -> None:
     """route() for many (job id, attempt, node id): one Postgres statement for all of them, then their
     node messages. A job that was not queued at that attempt takes route()'s own path."""
     moved = store.mark_routed_many(app.db, items)
+    metrics.job_transition(JobStatus.ROUTED, len(moved))
     for job_id, attempt, node_id in items:
         if (str(job_id), attempt) in moved:
             send_to_node(app, job_id, attempt, node_id)
@@ -163,6 +171,7 @@ def fail_unroutable(app, job_id, attempt: int, error: JobError) -> bool:
     """queued → failed: no live node served the job's model before its deadline."""
     if not store.fail_queued_job(app.db, job_id, attempt, error.as_json()):
         return False
+    metrics.job_transition(JobStatus.FAILED)
     _announce(app, job_id, JobStatus.FAILED.value, attempt)
     return True
 
@@ -171,6 +180,7 @@ def start(app, items: list[tuple[str, int]], node_id: str) -> list[dict]:
     """routed → running for a batch of (job id, attempt); returns the jobs this node may run. The
     others (cancelled, superseded by a newer attempt, or a duplicate message) give back their slot."""
     jobs = store.start_jobs(app.db, items, node_id)
+    metrics.job_transition(JobStatus.RUNNING, len(jobs))
     if jobs:
         def announce():
             with app.redis.pipeline(transaction=False) as pipe:
@@ -198,6 +208,7 @@ def finish(app, job: dict, node_id: str, *, result: dict | None = None, error: J
                                 error=error.as_json() if error is not None else None)
     _release(app, node_id, job["id"], job["attempt"])
     if accepted:
+        metrics.job_transition(status)
         _announce(app, job["id"], status.value, job["attempt"])
         if result is not None and cache.wanted(job.get("request") or {}):
             _best_effort("filling the result cache",
@@ -231,6 +242,7 @@ def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay:
     _release(app, node_id, job["id"], job["attempt"])
     if row is None:
         return None
+    metrics.job_transition(row["status"])
     if row["status"] == JobStatus.QUEUED.value:
         log.warning("job %s: attempt %d in %.1f s", job["id"], row["attempt"], delay,
                     extra=job_fields(job["id"], row["attempt"], node_id))
@@ -248,6 +260,7 @@ def cancel(app, job_id, tenant_id, reason: str = "cancelled by the client") -> d
     row = store.cancel_job(app.db, job_id, tenant_id, JobError(ErrorKind.CANCELLED, reason).as_json())
     if row is None:
         return None
+    metrics.job_transition(JobStatus.CANCELLED)
     _best_effort("asking the node to abort", lambda: notify.cancel_requested(app.redis, job_id))
     _announce(app, job_id, row["status"], row["attempt"])
     return row
@@ -258,6 +271,7 @@ def replay(app, dead_letter_id, tenant_id=None) -> dict | None:
     there is no open dead letter with that id (for that tenant)."""
     row = dead_letters.replay_dead_letter(app.db, dead_letter_id, tenant_id)
     if row is not None:
+        metrics.job_transition(JobStatus.QUEUED)
         _publish(app, row)
     return row
 

@@ -36,6 +36,7 @@ import time
 
 from redis.exceptions import LockError
 
+from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.ingest import recovery as ingest_recovery
 from tasks.jobs import lifecycle, retention, stranded
@@ -99,6 +100,7 @@ class Reconciler:
             counts = {}
         finally:
             self._release_lock()
+        metrics.reconciler_sweep(counts, time.time() - started)
         self.app.redis.pipeline().lpush(SWEEPS_KEY, f"{self.settings.node_id} {started:.3f} {time.time():.3f}") \
             .ltrim(SWEEPS_KEY, 0, _SWEEPS_KEPT - 1).execute()
         if any(counts.values()):
@@ -118,8 +120,8 @@ class Reconciler:
     def _sweep(self) -> dict[str, int]:
         s, redis, pool = self.settings, self.app.redis, self.app.db
         self.sweeps += 1
-        counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "dead": 0,
-                  "resent": 0, "republished": 0, "documents_resent": 0, "deadline_cancelled": 0, "purged": 0}
+        counts = {"parked": lifecycle.finish_parked(self.app, each=self._still_mine), "rerouted": 0, "taken_back": 0,
+                  "dead": 0, "resent": 0, "republished": 0, "documents_resent": 0, "deadline_cancelled": 0, "purged": 0}
         nodes = registry.live_nodes(redis)
         live = {n["id"] for n in nodes}
 
@@ -132,7 +134,8 @@ class Reconciler:
             registry.forget_node(redis, node_id)
 
         for job in stranded.overdue_jobs(pool, routed_for=s.visibility_timeout, running_for=s.job_timeout + 60):
-            self._requeue(job, f"node {job['node_id']} held the job {job['status']} past its deadline", counts)
+            self._requeue(job, f"node {job['node_id']} held the job {job['status']} past its deadline", counts,
+                          action="taken_back")
 
         if time.monotonic() >= self._next_message_check:
             # Reading a node's whole queue, or every long-queued job, is not free: look at most a few
@@ -176,11 +179,11 @@ class Reconciler:
             republished += 1
         return republished
 
-    def _requeue(self, job: dict, message: str, counts: dict) -> None:
+    def _requeue(self, job: dict, message: str, counts: dict, action: str = "rerouted") -> None:
         self._still_mine()
         outcome = lifecycle.requeue_lost(self.app, job, JobError(ErrorKind.WORKER_LOST, message))
         if outcome == "queued":
-            counts["rerouted"] += 1
+            counts[action] += 1
         elif outcome == "dead":
             counts["dead"] += 1
 

@@ -203,7 +203,7 @@ def start_jobs(pool: ConnectionPool, items: list[tuple[str, int]], node_id: str)
             """UPDATE jobs j SET status = 'running', started_at = now()
                  FROM unnest(%s::uuid[], %s::int[]) AS t(id, attempt)
                 WHERE j.id = t.id AND j.attempt = t.attempt AND j.status = 'routed' AND j.node_id = %s
-            RETURNING j.id, j.attempt, j.model, j.request, j.tenant_id""",
+            RETURNING j.id, j.attempt, j.model, j.request, j.tenant_id, j.created_at, j.routed_at, j.started_at""",
             (list(ids), list(attempts), node_id),
         ).fetchall()
 

@@ -22,6 +22,7 @@ import time
 
 from redis.exceptions import LockError
 
+from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.jobs import lifecycle
 from tasks.routing import fair_queue, registry
@@ -106,6 +107,9 @@ class Dispatcher:
                 free[node["id"]] -= 1
                 chosen.append((entry.job_id, entry.attempt, node["id"]))
             lifecycle.route_many(self.app, chosen)
+            now = time.time()
+            for entry, (_, _, node_id) in zip(entries, chosen):
+                metrics.routing_decision(entry.strategy, node_id, waited=now - entry.enqueued_at)
         except TRANSIENT:
             # Back in line for the next pass (a job already routed is sent again then, harmlessly).
             for job_id, attempt, node_id in chosen:
