@@ -28,6 +28,46 @@ class cached_property:  # noqa: N801 - used as functools.cached_property is
         return instance.__dict__[self.name]
 
 
+def _under_gevent() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
+
+
+class ThreadedEmbedder:
+    """An Embedder whose model work (loading, embedding) runs in gevent's pool of native threads: a
+    search embeds its query for tens of milliseconds of CPU (seconds to load the model), and on the
+    gevent worker's one thread that would stall every other request it serves, /healthz included.
+    PyTorch releases the GIL while it computes, so the greenlets go on meanwhile."""
+
+    def __init__(self, embedder):
+        self._embedder = embedder
+
+    def __getattr__(self, name):
+        return getattr(self._embedder, name)
+
+    def _in_thread(self, fn, *args):
+        import gevent
+
+        return gevent.get_hub().threadpool.apply(fn, args)
+
+    def load(self):
+        return self._in_thread(self._embedder.load)
+
+    @property
+    def dimension(self) -> int:
+        self.load()
+        return self._embedder.dimension
+
+    def embed_queries(self, texts: list[str]) -> list[list[float]]:
+        return self._in_thread(self._embedder.embed_queries, texts)
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._in_thread(self._embedder.embed_documents, texts)
+
+
 @dataclass
 class Services:
     """Per-process handles, opened on first use (gunicorn forks after the app module is imported)."""
@@ -76,10 +116,12 @@ class Services:
 
     @cached_property
     def embedder(self):
-        """The embedding model for collections and search queries; its weights load on first use."""
+        """The embedding model for collections and search queries; its weights load on first use. Under
+        gevent its work runs in a native thread (ThreadedEmbedder), never on the one the greenlets share."""
         from tasks.ingest.task import settings_embedder
 
-        return settings_embedder(self.settings)
+        embedder = settings_embedder(self.settings)
+        return ThreadedEmbedder(embedder) if _under_gevent() else embedder
 
     @cached_property
     def waiter(self):
