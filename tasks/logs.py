@@ -29,6 +29,7 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def job_fields(job_id, attempt: int | None = None, node: str | None = None) -> dict:
-    """`extra` for a line about one job."""
-    return {k: v for k, v in (("job_id", str(job_id)), ("attempt", attempt), ("node", node)) if v is not None}
+def job_fields(job_id, attempt: int | None = None, node: str | None = None, tenant=None) -> dict:
+    """`extra` for a line about one job (its tenant's id where the caller has it)."""
+    fields = (("job_id", str(job_id)), ("attempt", attempt), ("node", node), ("tenant_id", tenant and str(tenant)))
+    return {k: v for k, v in fields if v is not None}

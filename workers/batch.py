@@ -64,7 +64,8 @@ def _report(on_outcome, outcome: Outcome) -> None:
         on_outcome(outcome)
     except Exception:  # noqa: BLE001 - one job's bookkeeping failure must not strand the rest
         log.exception("job %s: could not record its outcome", outcome.job["id"],
-                      extra=job_fields(outcome.job["id"], outcome.job.get("attempt")))
+                      extra=job_fields(outcome.job["id"], outcome.job.get("attempt"),
+                                       tenant=outcome.job.get("tenant_id")))
     batch = getattr(_running, "batch", None)  # the celery-batches batch this thread runs, if any
     if batch is not None:
         batch.finished(outcome)
@@ -146,7 +147,8 @@ class BatchCore:
                 self._restart(generation)
             return Outcome(job, error=exc.job_error(), seconds=seconds)
         except Exception as exc:  # noqa: BLE001 - an engine failure nobody classified: worth another attempt
-            log.exception("job %s: unrecognised engine failure", job["id"], extra=job_fields(job["id"], job.get("attempt")))
+            log.exception("job %s: unrecognised engine failure", job["id"],
+                          extra=job_fields(job["id"], job.get("attempt"), tenant=job.get("tenant_id")))
             return Outcome(job, error=JobError(ErrorKind.ENGINE_ERROR, f"the engine failed: {exc!r}"), seconds=seconds)
         result = result_of(completion)
         if job.get("rag_result") is not None:  # a RAG job: its citations and what retrieval found

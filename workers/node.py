@@ -167,7 +167,7 @@ class Node:
                 metrics.job_finished(job, datetime.now(timezone.utc))
         except TRANSIENT:
             log.error("job %s: Postgres unreachable past the outage tolerance; parking its outcome in Redis",
-                      job["id"], extra=job_fields(job["id"], job.get("attempt"), self.node_id))
+                      job["id"], extra=job_fields(job["id"], job.get("attempt"), self.node_id, job.get("tenant_id")))
             self._durably(lambda: lifecycle.park(self.app, job, self.node_id, result=outcome.result, error=error),
                           f"parking job {job['id']}")
 

@@ -149,7 +149,8 @@ def _error_of(job: dict, exc: Exception) -> JobError:
         return JobError(ErrorKind.INVALID_REQUEST, f"retrieval refused the job: {exc}")
     if isinstance(exc, TRANSIENT):
         log.warning("job %s: retrieval met Postgres unreachable: %r", job["id"], exc,
-                    extra=job_fields(job["id"], job.get("attempt")))
+                    extra=job_fields(job["id"], job.get("attempt"), tenant=job.get("tenant_id")))
         return JobError(ErrorKind.RETRIEVAL_UNAVAILABLE, f"retrieval failed, Postgres unreachable: {exc}")
-    log.error("job %s: retrieval failed: %r", job["id"], exc, extra=job_fields(job["id"], job.get("attempt")))
+    log.error("job %s: retrieval failed: %r", job["id"], exc, extra=job_fields(job["id"], job.get("attempt"),
+                                                                                  tenant=job.get("tenant_id")))
     return JobError(ErrorKind.RETRIEVAL_UNAVAILABLE, f"retrieval failed: {exc!r}")

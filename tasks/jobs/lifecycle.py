@@ -245,7 +245,7 @@ def _after_requeue(app, job: dict, node_id: str | None, row: dict | None, delay:
     metrics.job_transition(row["status"])
     if row["status"] == JobStatus.QUEUED.value:
         log.warning("job %s: attempt %d in %.1f s", job["id"], row["attempt"], delay,
-                    extra=job_fields(job["id"], row["attempt"], node_id))
+                    extra=job_fields(job["id"], row["attempt"], node_id, job.get("tenant_id")))
         _announce(app, job["id"], row["status"], row["attempt"], finished=False)
         _publish(app, row, countdown=delay)
     else:

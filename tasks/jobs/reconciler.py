@@ -198,7 +198,7 @@ class Reconciler:
             if registry.member(job["id"], job["attempt"]) not in present:
                 self._still_mine()
                 log.warning("job %s: routed to %s but its message is gone; sending it again", job["id"], job["node_id"],
-                            extra=job_fields(job["id"], job["attempt"], job["node_id"]))
+                            extra=job_fields(job["id"], job["attempt"], job["node_id"], job.get("tenant_id")))
                 lifecycle.send_to_node(self.app, job["id"], job["attempt"], job["node_id"])
                 resent += 1
         return resent

@@ -23,11 +23,11 @@ def test_json_lines_carry_the_jobs_fields():
     try:
         out = _capture("json")
         logging.getLogger("tasks.jobs.lifecycle").warning("job %s: attempt %d in %.1f s", "j-1", 2, 0.5,
-                                                          extra=job_fields("j-1", 2, "gpu-0"))
+                                                          extra=job_fields("j-1", 2, "gpu-0", "t-9"))
         [line] = out.getvalue().splitlines()
         record = json.loads(line)
         assert record["message"] == "job j-1: attempt 2 in 0.5 s" and record["level"] == "WARNING"
-        assert (record["job_id"], record["attempt"], record["node"]) == ("j-1", 2, "gpu-0")
+        assert (record["job_id"], record["attempt"], record["node"], record["tenant_id"]) == ("j-1", 2, "gpu-0", "t-9")
         assert record["logger"] == "tasks.jobs.lifecycle" and record["time"]
 
         out = _capture("text")
