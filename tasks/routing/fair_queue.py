@@ -23,6 +23,8 @@ Keys, per model and class (`<base>` = switchyard:fq:<model>:<class>):
 - `<base>:active`  sorted set: tenant → its tag, for tenants with jobs waiting
 - `<base>:q:<tenant>`  list: the tenant's waiting jobs, oldest first (JSON entries)
 - `<base>:clock`  the virtual time; `<base>:finish`  hash: tenant → its last finish tag
+and per model `switchyard:fq:<model>:backlog`, a list with one entry per waiting job (of any tenant
+or class): the queue depth as a plain Redis list, for KEDA's `redis` trigger and for operators (LLEN);
 and for all models: `switchyard:fq:pending` (job id → model; what the reconciler checks before it
 re-publishes a queued job) and `switchyard:fq:weights` (tenant → weight).
 """
@@ -50,6 +52,7 @@ _PUSH = """
 local base = ARGV[1] .. ARGV[2] .. ':' .. ARGV[3]
 local tenant = ARGV[4]
 redis.call('RPUSH', base .. ':q:' .. tenant, ARGV[7])
+redis.call('RPUSH', ARGV[1] .. ARGV[2] .. ':backlog', ARGV[6])
 redis.call('HSET', KEYS[1], ARGV[6], ARGV[2])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], tenant, ARGV[5]) end
 redis.call('SADD', KEYS[3], ARGV[2])
@@ -89,6 +92,7 @@ for c = 4, #ARGV, 2 do
         redis.call('HSET', base .. ':finish', tenant, tostring(finish))
       end
       redis.call('HDEL', KEYS[1], job.job_id)
+      redis.call('LPOP', prefix .. model .. ':backlog')
       taken[#taken + 1] = entry
       n = n + 1
     else
@@ -154,6 +158,11 @@ def pop(redis, model: str, limits: dict[str, int]) -> list[Entry]:
         args += [klass, limits.get(klass, 0)]
     raw = redis.register_script(_POP)(keys=[PENDING_KEY, WEIGHTS_KEY, MODELS_KEY], args=args)
     return [Entry.decode(r) for r in raw]
+
+
+def backlog_key(model: str) -> str:
+    """The list whose length is the number of jobs of `model` waiting in the fair queue."""
+    return f"{PREFIX}{model}:backlog"
 
 
 def waiting_models(redis) -> set[str]:

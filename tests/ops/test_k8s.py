@@ -26,6 +26,7 @@ from pydantic import AliasChoices
 
 from tasks.jobs.status import ACTIVE_VALUES
 from tasks.names import INGEST_QUEUE, WEBHOOKS_QUEUE, route_queue
+from tasks.routing import fair_queue
 from tasks.routing.strategies import NAMES as STRATEGIES
 from tasks.settings import Settings
 
@@ -422,7 +423,10 @@ def test_keda_scales_ingest_on_its_queue_and_gpu_workers_on_unfinished_jobs(back
     for name, spec in scaled.items():
         for trigger in spec["triggers"]:
             meta = trigger["metadata"]
-            if trigger["type"] == "redis":
+            if trigger["type"] == "redis" and name == "gpu-worker":  # the fair queue's backlog of the model served
+                assert meta["listName"] == fair_queue.backlog_key(Settings().model_name)
+                assert meta["listLength"].isdigit() and meta["activationListLength"].isdigit()
+            elif trigger["type"] == "redis":
                 assert meta["listName"] in queues
                 module = main_container(find(objects, "Deployment", name))["command"][2]
                 assert consumers[module] == meta["listName"], f"{name} does not consume {meta['listName']}"
@@ -435,7 +439,7 @@ def test_keda_scales_ingest_on_its_queue_and_gpu_workers_on_unfinished_jobs(back
                 with psycopg.connect(backing[0].url) as conn:  # the query runs on the migrated schema
                     [(count,)] = conn.execute(meta["query"]).fetchall()
                 assert isinstance(count, int)
-    assert [t["type"] for t in scaled["gpu-worker"]["triggers"]] == ["postgresql"]
+    assert [t["type"] for t in scaled["gpu-worker"]["triggers"]] == ["postgresql", "redis"]
     # /readyz needs a live worker: with none, every API pod would leave the Service
     assert scaled["gpu-worker"]["minReplicaCount"] >= 1
 

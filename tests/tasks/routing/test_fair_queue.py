@@ -80,7 +80,10 @@ def test_pending_tracks_waiting_jobs_and_models(clean_redis):
     assert fair_queue.waiting_models(clean_redis) == {MODEL}
     assert fair_queue.pending(clean_redis, ["t-0", "t-2", "nope"]) == {"t-0", "t-2"}
     assert fair_queue.depth(clean_redis, MODEL) == {INTERACTIVE: {"t": 3}, BATCH: {}}
-    take(clean_redis, 3)
+    assert clean_redis.llen(fair_queue.backlog_key(MODEL)) == 3
+    take(clean_redis, 2)
+    assert clean_redis.llen(fair_queue.backlog_key(MODEL)) == 1
+    take(clean_redis, 1)
     assert fair_queue.pending(clean_redis, ["t-0", "t-2"]) == set()
     assert fair_queue.waiting_models(clean_redis) == set()
     assert take(clean_redis, 5) == []
@@ -93,6 +96,7 @@ def test_concurrent_dispatchers_take_each_job_once(clean_redis):
         batches = list(pool.map(lambda _: take(clean_redis, 7), range(200)))
     ids = [e.job_id for b in batches for e in b]
     assert len(ids) == len(set(ids)) == 1000
+    assert clean_redis.llen(fair_queue.backlog_key(MODEL)) == 0
 
 
 def test_an_unknown_class_is_refused(clean_redis):
