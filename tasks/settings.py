@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     # Uploads (POST /v1/collections/{id}/documents): the largest document accepted, as a file or as
     # JSON text (413 above); it is kept whole in Postgres so that a retried ingestion can start over.
     max_upload_bytes: int = Field(10_485_760, ge=1024)
+    # Batch API (POST /v1/files, /v1/batches): the largest batch input file and the most requests
+    # (lines) in one, and the seconds a batch has to finish: OpenAI's "24h" window (tests shorten it).
+    batch_max_file_bytes: int = Field(104_857_600, ge=1024)
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_window_seconds: float = Field(86_400.0, gt=0)
     # Documents one ingest worker parses and embeds at once (pool threads sharing one model).
     ingest_concurrency: int = Field(2, ge=1)
     # A document `queued` or `processing` with no progress (no batch of chunks stored) for this long is

@@ -36,6 +36,7 @@ import time
 
 from redis.exceptions import LockError
 
+from tasks.batches import progress as batch_progress
 from tasks import metrics
 from tasks.errors import TRANSIENT, ErrorKind, JobError
 from tasks.ingest import recovery as ingest_recovery
@@ -148,6 +149,8 @@ class Reconciler:
             self._still_mine()
             if lifecycle.cancel(self.app, job["id"], job["tenant_id"], reason="its Cancel-After deadline passed"):
                 counts["deadline_cancelled"] += 1
+
+        counts["batches_ended"] = batch_progress.advance(self.app, each=self._still_mine)
 
         if time.monotonic() >= self._next_document_check:
             self._next_document_check = time.monotonic() + min(s.ingest_stall_after / 3, 60)

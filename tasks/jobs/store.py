@@ -94,6 +94,20 @@ def insert_job(pool: ConnectionPool, *, tenant_id, model: str, strategy: str, re
     return existing, False
 
 
+#: what insert_jobs() writes per job (the rest take their defaults: queued, attempt 1, due now)
+_BULK_COLUMNS = ("id", "tenant_id", "model", "routing_strategy", "priority", "request", "metadata", "max_attempts",
+                 "session_id", "affinity_key", "batch_id", "batch_line", "custom_id")
+
+
+def insert_jobs(conn: psycopg.Connection, jobs: list[dict]) -> None:
+    """Insert many queued jobs (dicts with _BULK_COLUMNS) with one COPY, in the caller's transaction: a
+    batch's lines, all of them or none."""
+    with conn.cursor().copy(f"COPY jobs ({', '.join(_BULK_COLUMNS)}, status) FROM STDIN") as copy:
+        for job in jobs:
+            copy.write_row([Jsonb(job[c]) if c in ("request", "metadata") else job[c] for c in _BULK_COLUMNS]
+                           + ["queued"])
+
+
 def delete_unpublished_job(pool: ConnectionPool, job_id) -> None:
     """Undo an insert whose publish failed, so a refused submission leaves nothing behind
     (its idempotency key goes with it, by cascade)."""

@@ -81,6 +81,7 @@ RECONCILER_ACTIONS = {
     "republished": "queued jobs whose route message was lost, published again",
     "deadline_cancelled": "jobs cancelled at their Cancel-After deadline",
     "documents_resent": "RAG documents whose ingestion stalled, sent to the ingest queue again",
+    "batches_ended": "Batch API batches ended (completed, expired or cancelled) with their output files written",
     "purged": "finished jobs deleted by retention",
 }
 reconciler_actions = Counter(

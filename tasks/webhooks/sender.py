@@ -10,12 +10,14 @@ import json
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import urllib3
 
+from tasks.batches.resource import batch_resource
 from tasks.jobs.resource import job_resource
 from tasks.settings import Settings
 from tasks.webhooks import signing, ssrf, store
@@ -50,11 +52,24 @@ _TIMESTAMPS = ("created_at", "routed_at", "started_at", "retrieval_started_at", 
 def payload(delivery: dict) -> bytes:
     """The event as sent, identical on every attempt: the job resource as GET /v1/jobs/{id} showed it
     when the event happened (the trigger's snapshot), plus the event type."""
+    if delivery.get("batch") is not None:
+        return _batch_payload(delivery)
     row = dict(delivery["job"])
     for key in _TIMESTAMPS:
         if row.get(key):
             row[key] = datetime.fromisoformat(row[key])
     event = {"type": delivery["event"], "timestamp": delivery["created_at"].isoformat(), "data": job_resource(row)}
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _batch_payload(delivery: dict) -> bytes:
+    """A batch event (`batch.completed`, ...) in OpenAI's webhook event shape, so the `openai` client's
+    `webhooks.unwrap()` reads it: `id` (`evt_` + the delivery id), `object`, `type`, `created_at`, and
+    `data`, here the whole Batch object as it was when the batch ended; plus the `timestamp` of job events."""
+    created = delivery["created_at"]
+    event = {"id": "evt_" + uuid.UUID(str(delivery["id"])).hex, "object": "event", "type": delivery["event"],
+             "created_at": int(created.timestamp()), "timestamp": created.isoformat(),
+             "data": batch_resource(delivery["batch"])}
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 
