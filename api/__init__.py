@@ -157,10 +157,12 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     from api.admin import bp as admin_bp
+    from api.batches import bp as batches_bp
     from api.collections import bp as collections_bp
     from api.dead_letters import bp as dead_letters_bp
     from api.documents import bp as documents_bp
     from api.errors import register_error_handlers
+    from api.files import bp as files_bp
     from api.health import bp as health_bp
     from api.jobs import bp as jobs_bp
     from api.metrics import instrument
@@ -184,6 +186,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(collections_bp)
     app.register_blueprint(documents_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(files_bp)
+    app.register_blueprint(batches_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(admin_bp)
     return app

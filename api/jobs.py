@@ -196,6 +196,29 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
     services = _services()
     settings = services.settings
     limits = g.tenant.limits
+    job = validate_job(body)
+    _check_active(limits, job.pop("prompt_tokens"))
+    # The rate is charged for a valid request only, right before it is stored.
+    g.rate_headers = services.submit_rate.take(
+        g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
+        limits.get("submit_burst", settings.tenant_submit_burst), max_tokens=job["request"]["max_tokens"],
+        tokens_per_minute=limits.get("output_tokens_per_minute", settings.tenant_output_tokens_per_minute))
+    try:
+        row, created = lifecycle.submit(services.celery, tenant_id=g.tenant.id, **job, idempotency=idempotency,
+                                        cancel_after=cancel_after)
+    except store.IdempotencyConflict as exc:
+        raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
+                       "different request body; send the same body to get that job back, or use a new key",
+                       errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}]) from None
+    return row, created
+
+
+def validate_job(body: dict) -> dict:
+    """A job request (a JobRequest body) checked for the caller's tenant: the job to store (lifecycle.submit's
+    keyword arguments but the tenant, the idempotency key and the deadline) and its `prompt_tokens`. Every
+    refusal is an ApiError or a ValidationError (a 4xx). POST /v1/batches checks each line with it."""
+    settings = _services().settings
+    limits = g.tenant.limits
     job = JobRequest.model_validate(body, context={
         "max_tokens_limit": settings.max_tokens_limit, "strategies": STRATEGIES,
         "webhook_allow": settings.webhook_allow})
@@ -214,27 +237,13 @@ def submit_job(body: dict, idempotency: tuple[str, bytes, int] | None = None,
                        f"lower max_attempts to {ceiling} or less",
                        errors=[{"field": "max_attempts", "message": f"at most {ceiling} for this tenant"}])
     max_attempts = job.max_attempts or min(settings.max_attempts, ceiling)
-    _check_active(limits, prompt_tokens)
-    # The rate is charged for a valid request only, right before it is stored.
-    g.rate_headers = services.submit_rate.take(
-        g.tenant.id, limits.get("submit_rate", settings.tenant_submit_rate),
-        limits.get("submit_burst", settings.tenant_submit_burst), max_tokens=sampling["max_tokens"],
-        tokens_per_minute=limits.get("output_tokens_per_minute", settings.tenant_output_tokens_per_minute))
-    try:
-        row, created = lifecycle.submit(
-            services.celery, tenant_id=g.tenant.id, model=model, strategy=strategy, priority=job.priority,
-            request={**request_dict, **sampling, "prompt_tokens": prompt_tokens, "max_attempts": max_attempts,
-                     **({"rag": rag} if rag else {}),
-                     **({"cache": True} if job.cache else {})},
-            metadata=job.metadata,
-            max_attempts=max_attempts, session_id=session_id,
-            affinity_key=affinity_key(g.tenant.id, session_id, request_dict), idempotency=idempotency,
-            webhook=job.webhook.model_dump() if job.webhook else None, cancel_after=cancel_after)
-    except store.IdempotencyConflict as exc:
-        raise ApiError(422, "Idempotency-Key reused", f"this Idempotency-Key was used for job {exc.job_id} with a "
-                       "different request body; send the same body to get that job back, or use a new key",
-                       errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}]) from None
-    return row, created
+    return {"model": model, "strategy": strategy, "priority": job.priority,
+            "request": {**request_dict, **sampling, "prompt_tokens": prompt_tokens, "max_attempts": max_attempts,
+                        **({"rag": rag} if rag else {}),
+                        **({"cache": True} if job.cache else {})},
+            "metadata": job.metadata, "max_attempts": max_attempts, "session_id": session_id,
+            "affinity_key": affinity_key(g.tenant.id, session_id, request_dict),
+            "webhook": job.webhook.model_dump() if job.webhook else None, "prompt_tokens": prompt_tokens}
 
 
 CANCEL_AFTER_MAX = 7 * 86400

@@ -25,6 +25,7 @@ from api.auth import authenticate
 from api.errors import ApiError, validation_errors
 from api.jobs import submit_job, wait_slot, wait_until_finished
 from tasks.errors import TRANSIENT, QueueUnavailable
+from tasks.jobs.completions import chat_completion, text_completion
 from tasks.jobs.status import JobStatus
 from tasks.routing import registry
 
@@ -106,6 +107,11 @@ def _body(allowed: set[str]) -> dict:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise OpenAIError(400, "the request body is nested too deeply") from None
+    return check_body(body, allowed)
+
+
+def check_body(body, allowed: set[str]) -> dict:
+    """The checks every OpenAI request body passes here (an OpenAIError naming the parameter to fix)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     for name, value in body.items():
@@ -162,6 +168,31 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def chat_job(body: dict) -> dict:
+    """A checked /v1/chat/completions body as the job it runs (a JobRequest body)."""
+    return _job_body(body, messages=_messages(body))
+
+
+def completion_job(body: dict) -> dict:
+    """A checked /v1/completions body as the job it runs (a JobRequest body)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise OpenAIError(400, "`prompt` must be a string (one prompt per request)", "prompt")
+    job = _job_body(body, prompt=prompt)
+    job.setdefault("max_tokens", 16)  # OpenAI's default for completions
+    return job
+
+
+def endpoint_job(endpoint: str, body) -> dict:
+    """A request body for `endpoint` as the job it runs, checked as that endpoint checks it (POST
+    /v1/batches checks each line of a batch with it)."""
+    if endpoint == "/v1/chat/completions":
+        return chat_job(check_body(body, _CHAT_FIELDS))
+    return completion_job(check_body(body, _COMPLETION_FIELDS))
+
+
 def _run(job_body: dict) -> dict:
     """Submit the job and wait for it; the finished row, or an OpenAIError saying why not. The wait
     slot is taken first (a 429 stores nothing); an error after the job exists tells the client not to
@@ -205,34 +236,16 @@ def _usage(result: dict) -> dict:
 @bp.post("/chat/completions")
 def chat_completions():
     body = _body(_CHAT_FIELDS)
-    row = _run(_job_body(body, messages=_messages(body)))
-    result = row["result"]
-    return _answer({
-        "id": f"chatcmpl-{row['id']}", "object": "chat.completion", "created": int(row["created_at"].timestamp()),
-        "model": row["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                     "finish_reason": result.get("finish_reason"), "logprobs": None}],
-        "usage": _usage(result)}, row)
+    row = _run(chat_job(body))
+    return _answer(chat_completion(row), row)
 
 
 @bp.post("/completions")
 def completions():
     body = _body(_COMPLETION_FIELDS)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise OpenAIError(400, "`prompt` must be a string (one prompt per request)", "prompt")
-    job = _job_body(body, prompt=prompt)
-    job.setdefault("max_tokens", 16)  # OpenAI's default for completions
+    job = completion_job(body)
     row = _run(job)
-    result = row["result"]
-    return _answer({
-        "id": f"cmpl-{row['id']}", "object": "text_completion", "created": int(row["created_at"].timestamp()),
-        "model": row["model"],
-        "choices": [{"index": 0, "text": result["text"], "finish_reason": result.get("finish_reason"),
-                     "logprobs": None}],
-        "usage": _usage(result)}, row)
+    return _answer(text_completion(row), row)
 
 
 @bp.get("/models")

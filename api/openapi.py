@@ -15,17 +15,24 @@ from functools import lru_cache
 
 from flask import Blueprint, Flask, current_app, jsonify
 
+from api.batches import BatchRequest
 from api.schemas import CollectionRequest, DocumentRequest, JobRequest, SearchParams
 
 bp = Blueprint("openapi", __name__)
 
 #: request bodies, by endpoint (JSON unless noted)
-_BODIES = {"jobs.submit": JobRequest, "collections.create": CollectionRequest, "documents.add": DocumentRequest}
+_BODIES = {"jobs.submit": JobRequest, "collections.create": CollectionRequest, "documents.add": DocumentRequest,
+           "batches.create": BatchRequest}
+#: multipart/form-data bodies
+_FORMS = {"files.create": {"type": "object", "required": ["file", "purpose"], "properties": {
+    "file": {"type": "string", "format": "binary", "description": "JSONL, one request a line"},
+    "purpose": {"type": "string", "enum": ["batch"]}}}}
 _QUERIES = {"collections.search": SearchParams}
 _OK = {"jobs.submit": "202", "collections.create": "201", "documents.add": "202", "collections.delete": "204",
        "documents.delete": "204"}
 _PUBLIC = {"health.healthz", "health.readyz", "openapi.document", "openapi.docs"}
-_OPENAI = {"openai.chat_completions", "openai.completions", "openai.models"}
+_OPENAI = {"openai.chat_completions", "openai.completions", "openai.models", "files.create", "files.list_", "files.get",
+           "files.content", "batches.create", "batches.list_", "batches.get", "batches.cancel"}
 _PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 
 _PROBLEM = {"type": "object", "required": ["type", "title", "status", "detail"],
@@ -72,6 +79,9 @@ def build(app: Flask) -> dict:
                 components[model.__name__] = schema
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            if rule.endpoint in _FORMS:
+                op["requestBody"] = {"required": True,
+                                     "content": {"multipart/form-data": {"schema": _FORMS[rule.endpoint]}}}
             if rule.endpoint in _QUERIES:
                 schema = _schema(_QUERIES[rule.endpoint])
                 required = set(schema.get("required", []))

@@ -13,6 +13,7 @@ from api.auth import authenticate
 from api.errors import ApiError, validation_errors
 from api.jobs import load_job
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
+from tasks.batches.resource import batch_id
 from tasks.webhooks import store as webhooks
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
@@ -67,7 +68,8 @@ def delivery_resource(row: dict) -> dict:
     return {
         "id": str(row["id"]),  # the `webhook-id` header: the same on every attempt
         "object": "webhook_delivery",
-        "job_id": str(row["job_id"]),
+        "job_id": str(row["job_id"]) if row["job_id"] else None,
+        "batch_id": batch_id(row["batch_id"]) if row.get("batch_id") else None,  # a batch.* event's batch
         "event": row["event"],
         "url": row["url"],
         "status": row["status"],
