@@ -9,10 +9,11 @@ import time
 import uuid
 from contextlib import ExitStack
 
-from flask import Blueprint, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 
 from api.auth import authenticate
 from api.errors import ApiError
+from api.events import KEEPALIVE, SSE_HEADERS, STREAM_SECONDS, follow, last_event_id, sse
 from api.paging import cursor_arg, limit_arg, page_response, status_arg
 from api.schemas import JobRequest
 from retrieval import store as retrieval_store
@@ -240,7 +241,7 @@ def validate_job(body: dict) -> dict:
     return {"model": model, "strategy": strategy, "priority": job.priority,
             "request": {**request_dict, **sampling, "prompt_tokens": prompt_tokens, "max_attempts": max_attempts,
                         **({"rag": rag} if rag else {}),
-                        **({"cache": True} if job.cache else {})},
+                        **({"cache": True} if job.cache else {}), **({"stream": True} if job.stream else {})},
             "metadata": job.metadata, "max_attempts": max_attempts, "session_id": session_id,
             "affinity_key": affinity_key(g.tenant.id, session_id, request_dict),
             "webhook": job.webhook.model_dump() if job.webhook else None, "prompt_tokens": prompt_tokens}
@@ -330,6 +331,34 @@ def get(job_id: uuid.UUID):
         with wait_slot(wait):
             row = wait_until_finished(row, wait)
     return jsonify(job_resource(row))
+
+
+@bp.get("/<uuid:job_id>/events")
+def job_events(job_id: uuid.UUID):
+    """The job's events as server-sent events: `status` (running, and how it ended or that it is tried
+    again) and `delta` (text as it is produced, for jobs submitted with `stream: true`). The final
+    `status` event carries the job's `result` or `error`, and ends the stream."""
+    after = last_event_id()
+    load_job(job_id)  # 404 before anything is held
+    slot = ExitStack()
+    slot.enter_context(wait_slot(STREAM_SECONDS))
+
+    def stream():
+        if after is None:  # where the job is now, before anything it does next
+            row = load_job(job_id)
+            yield sse({"type": "status", "status": row["status"], "attempt": row["attempt"]}, event="status")
+        for event_id, event in follow(job_id, lambda: load_job(job_id), after):
+            if event is None:
+                yield KEEPALIVE
+                continue
+            if event["type"] == "status" and JobStatus(event["status"]).is_terminal:
+                row = load_job(job_id)
+                event = {**event, "result": row["result"], "error": row["error"]}
+            yield sse(event, event=event["type"], event_id=event_id)
+
+    response = Response(stream_with_context(stream()), headers=SSE_HEADERS)
+    response.call_on_close(slot.close)  # the wait slot is given back when the connection ends
+    return response
 
 
 @bp.get("")

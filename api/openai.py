@@ -8,22 +8,26 @@ job can still be read, or its webhook awaited, the Switchyard way. Errors are Op
 `{"error": {"message", "type", "param", "code"}}`, with the status codes the client maps to its error
 types (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError, ...).
 
-Not yet: `stream: true` (400), `n` > 1 (400), and sampling options the engine path does not carry
-(logprobs, penalties, tools, response_format: 400 naming the parameter).
+`stream: true` streams the text as the engine produces it, in OpenAI's chunk format (server-sent
+events, then `[DONE]`; `stream_options.include_usage` adds the usage chunk), read from the job's event
+stream (api/events.py). Not supported: `n` > 1 (400), and sampling options the engine path does not
+carry (logprobs, penalties, tools, response_format: 400 naming the parameter).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 
-from flask import Blueprint, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from api.auth import authenticate
 from api.errors import ApiError, validation_errors
-from api.jobs import submit_job, wait_slot, wait_until_finished
+from api.events import KEEPALIVE, SSE_HEADERS, STREAM_SECONDS, follow, sse
+from api.jobs import load_job, submit_job, wait_slot, wait_until_finished
 from tasks.errors import TRANSIENT, QueueUnavailable
 from tasks.jobs.completions import chat_completion, text_completion
 from tasks.jobs.status import JobStatus
@@ -37,8 +41,9 @@ bp.before_request(authenticate)
 COMPLETION_WAIT = 590.0
 
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-                "n", "stream", "user", "metadata"}
-_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
+                "n", "stream", "stream_options", "user", "metadata"}
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
+                      "stream_options", "user"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
                 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
@@ -51,9 +56,13 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+    response = jsonify(_error_body(status, message, param, code))
     response.status_code = status
     response.headers.update(headers or {})
     return response
@@ -117,9 +126,11 @@ def check_body(body, allowed: set[str]) -> dict:
     for name, value in body.items():
         if name not in allowed and value is not None:
             raise OpenAIError(400, f"`{name}` is not supported by this server; remove it", name, "unsupported_parameter")
-    if body.get("stream"):
-        raise OpenAIError(400, "streaming is not available yet; leave `stream` unset (or false)", "stream",
-                          "unsupported_parameter")
+    if not isinstance(body.get("stream", False), bool):
+        raise OpenAIError(400, "`stream` must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise OpenAIError(400, "`stream_options` may only hold `include_usage` (true or false)", "stream_options")
     if body.get("n") not in (None, 1):
         raise OpenAIError(400, "only n = 1 is supported", "n", "unsupported_parameter")
     if not body.get("model"):
@@ -202,21 +213,96 @@ def _run(job_body: dict) -> dict:
         g.job_id = str(row["id"])
         row = wait_until_finished(row, COMPLETION_WAIT)
     status = JobStatus(row["status"])
-    headers = {"X-Switchyard-Job-Id": g.job_id, "Location": url_for("jobs.get", job_id=row["id"]),
-               "x-should-retry": "false"}
     if status is JobStatus.SUCCEEDED:
         return row
+    raise _failure(row, COMPLETION_WAIT)
+
+
+def _failure(row: dict, waited: float) -> OpenAIError:
+    """Why a job did not succeed, as the OpenAI error a client gets (told not to retry: the job exists)."""
+    job_id, status = str(row["id"]), JobStatus(row["status"])
+    headers = {"X-Switchyard-Job-Id": job_id, "Location": url_for("jobs.get", job_id=row["id"]),
+               "x-should-retry": "false"}
     if not status.is_terminal:
-        raise OpenAIError(504, f"job {g.job_id} has not finished after {COMPLETION_WAIT:.0f} s; it goes on: "
-                          f"GET /v1/jobs/{g.job_id}", code="timeout", headers=headers)
+        return OpenAIError(504, f"job {job_id} has not finished after {waited:.0f} s; it goes on: "
+                           f"GET /v1/jobs/{job_id}", code="timeout", headers=headers)
     error = row["error"] or {}
     if error.get("type") == "invalid_request":
-        raise OpenAIError(400, error.get("message", "invalid request"), headers=headers)
+        return OpenAIError(400, error.get("message", "invalid request"), headers=headers)
     if status is JobStatus.CANCELLED:
-        raise OpenAIError(409, f"job {g.job_id} was cancelled: {error.get('message')}", code="cancelled",
-                          headers=headers)
-    raise OpenAIError(500, f"job {g.job_id} {status.value}: {error.get('message')}", code=error.get("type"),
-                      headers=headers)
+        return OpenAIError(409, f"job {job_id} was cancelled: {error.get('message')}", code="cancelled",
+                           headers=headers)
+    return OpenAIError(500, f"job {job_id} {status.value}: {error.get('message')}", code=error.get("type"),
+                       headers=headers)
+
+
+def _stream(job_body: dict, body: dict, chunk):
+    """`stream: true`: the job's text as OpenAI chunks (server-sent events) while the engine produces
+    it, then `[DONE]`; a job that fails sends an `error` event instead. `chunk(row, text=, finish=)`
+    builds one chunk of the endpoint's kind. A job retried after its node died streams its new attempt
+    from the beginning; the first chunk of that attempt says so (`switchyard: {attempt, restarted}`),
+    so a client can drop what the failed attempt had sent."""
+    slot = ExitStack()
+    slot.enter_context(wait_slot(STREAM_SECONDS))  # before anything is stored: a 429 leaves nothing behind
+    try:
+        row, _ = submit_job({**job_body, "stream": True})
+    except BaseException:
+        slot.close()
+        raise
+    job_id, include_usage = row["id"], bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def events():
+        attempt, sent = None, False
+        yield sse(chunk(row, text="", role=True))
+        for _, event in follow(job_id, lambda: load_job(job_id)):
+            if event is None:
+                yield KEEPALIVE
+            elif event["type"] == "delta" or event["status"] == JobStatus.RUNNING.value:
+                if attempt is not None and event["attempt"] != attempt:
+                    if event["attempt"] < attempt:
+                        continue  # late text of an attempt that was given up
+                    yield sse(chunk(row, text="", switchyard={"attempt": event["attempt"], "restarted": True}))
+                attempt = event["attempt"]
+                if event["type"] == "delta":
+                    sent = True
+                    yield sse(chunk(row, text=event["text"]))
+            elif JobStatus(event["status"]).is_terminal:
+                final = load_job(job_id)
+                if final["status"] != JobStatus.SUCCEEDED.value:
+                    failure = _failure(final, STREAM_SECONDS)
+                    yield sse(_error_body(failure.status, failure.message, failure.param, failure.code))
+                    return
+                result = final["result"]
+                if not sent and result.get("text"):  # its text never streamed (e.g. the events expired)
+                    yield sse(chunk(row, text=result["text"]))
+                yield sse(chunk(row, text=None, finish=result.get("finish_reason")))
+                if include_usage:
+                    yield sse({**chunk(row, text=None), "choices": [], "usage": _usage(result)})
+                yield sse("[DONE]")
+                return
+        failure = _failure(load_job(job_id), STREAM_SECONDS)
+        yield sse(_error_body(failure.status, failure.message, failure.param, failure.code))
+
+    response = Response(stream_with_context(events()), headers=SSE_HEADERS)
+    response.headers.update(g.get("rate_headers") or {})
+    response.headers["X-Switchyard-Job-Id"] = str(job_id)
+    response.headers["Location"] = url_for("jobs.get", job_id=job_id)
+    response.call_on_close(slot.close)
+    return response
+
+
+def _chat_chunk(row: dict, *, text: str | None, finish: str | None = None, role: bool = False, **extra) -> dict:
+    delta = {"role": "assistant", "content": text} if role else ({"content": text} if text is not None else {})
+    return {"id": f"chatcmpl-{row['id']}", "object": "chat.completion.chunk", "created": int(row["created_at"].timestamp()),
+            "model": row["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra}
+
+
+def _completion_chunk(row: dict, *, text: str | None, finish: str | None = None, role: bool = False,
+                      **extra) -> dict:
+    return {"id": f"cmpl-{row['id']}", "object": "text_completion", "created": int(row["created_at"].timestamp()),
+            "model": row["model"], "choices": [{"index": 0, "text": text or "", "finish_reason": finish,
+                                                "logprobs": None}], **extra}
 
 
 def _answer(payload: dict, row: dict):
@@ -236,7 +322,10 @@ def _usage(result: dict) -> dict:
 @bp.post("/chat/completions")
 def chat_completions():
     body = _body(_CHAT_FIELDS)
-    row = _run(chat_job(body))
+    job = chat_job(body)
+    if body.get("stream"):
+        return _stream(job, body, _chat_chunk)
+    row = _run(job)
     return _answer(chat_completion(row), row)
 
 
@@ -244,6 +333,8 @@ def chat_completions():
 def completions():
     body = _body(_COMPLETION_FIELDS)
     job = completion_job(body)
+    if body.get("stream"):
+        return _stream(job, body, _completion_chunk)
     row = _run(job)
     return _answer(text_completion(row), row)
 
