@@ -30,7 +30,7 @@ _FORMS = {"files.create": {"type": "object", "required": ["file", "purpose"], "p
 _QUERIES = {"collections.search": SearchParams}
 _OK = {"jobs.submit": "202", "collections.create": "201", "documents.add": "202", "collections.delete": "204",
        "documents.delete": "204"}
-_PUBLIC = {"health.healthz", "health.readyz", "openapi.document", "openapi.docs"}
+_PUBLIC = {"health.healthz", "health.readyz", "openapi.document", "openapi.docs", "metrics.scrape"}
 _OPENAI = {"openai.chat_completions", "openai.completions", "openai.models", "files.create", "files.list_", "files.get",
            "files.content", "batches.create", "batches.list_", "batches.get", "batches.cancel"}
 _PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")

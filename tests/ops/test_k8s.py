@@ -384,6 +384,8 @@ def test_selectors_and_references_match(overlay):
                 for path in rule["http"]["paths"]:
                     backend = path["backend"]["service"]
                     assert backend["port"]["name"] in services[backend["name"]]
+                    assert path["path"] != "/metrics" and not "/metrics".startswith(path["path"]), \
+                        "the Ingress must not publish /metrics"
     autoscaled = [o["spec"]["scaleTargetRef"]["name"] for o in objects
                   if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
     assert len(autoscaled) == len(set(autoscaled)), autoscaled
