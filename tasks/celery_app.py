@@ -67,9 +67,7 @@ class SwitchyardCelery(Celery):
 
         # A short wait for a connection: while Postgres is down, callers (the outage ride-out) retry
         # on their own schedule rather than sit 30 s in the pool.
-        # Threads mostly wait on the engine; their Postgres work (start, finish) takes milliseconds, so
-        # the pool need not grow with them.
-        return make_pool(self.settings.database_url, max_size=min(self.settings.batch_concurrency, 32) + 4, timeout=5)
+        return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4, timeout=5)
 
     def restore_unacked(self, queue: str) -> int:
         """Put back on `queue` every message Redis holds as delivered to it but not acknowledged.

@@ -58,10 +58,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
     # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
-    # ends, so this bounds how many separately-arriving jobs can join the running engine. The dispatcher
-    # hands a node jobs as its slots free, often one at a time, so batches are small: as many threads as
-    # engine seats keep the engine full (32 held it near 40 concurrent sequences of 256).
-    batch_concurrency: int = Field(256, ge=1)
+    # ends, so this bounds how many separately-arriving jobs can join the running engine.
+    batch_concurrency: int = Field(32, ge=1)
     max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
     # Jobs the dispatcher lets one node hold (routed or running); the rest wait in the fair queue, where
     # tenants are served fairly. Default: max_num_seqs + batch_size (every engine seat, plus a batch on
