@@ -21,6 +21,7 @@ from tasks.jobs.status import JobStatus
 
 STREAM_SECONDS = 590.0  # one connection's longest stream
 KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+_FINAL_EVENT_GRACE = 2.0  # seconds a job ended in Postgres may take to show its final event
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -55,7 +56,7 @@ def follow(job_id, load_row, after: str | None = None) -> Iterator[tuple[str | N
     stream has nothing more but the job has ended (an expired stream, a lost write), its final status
     comes from Postgres, without an id. `load_row()` re-reads the job."""
     services = current_app.extensions["switchyard"]
-    deadline = time.monotonic() + STREAM_SECONDS
+    deadline, ended_in_db = time.monotonic() + STREAM_SECONDS, False
     with services.waiter.watch(str(job_id), channel=events.EVENTS_CHANNEL) as woken:
         while True:
             woken.clear()
@@ -69,6 +70,11 @@ def follow(job_id, load_row, after: str | None = None) -> Iterator[tuple[str | N
                 continue
             row = load_row()
             if JobStatus(row["status"]).is_terminal:
+                # The lifecycle writes the final event just after its commit: give it a moment to arrive.
+                if not ended_in_db:
+                    ended_in_db = True
+                    woken.wait(_FINAL_EVENT_GRACE)
+                    continue
                 yield None, {"type": "status", "status": row["status"], "attempt": row["attempt"]}
                 return
             left = deadline - time.monotonic()
