@@ -9,6 +9,7 @@
 # library picks the mode when it is first imported, in each worker after the fork, from
 # PROMETHEUS_MULTIPROC_DIR: so it is set here, in the master, before anything imports it (tasks.settings
 # does not), and the folder is emptied when the server starts.
+import gc
 import os
 import resource
 import shutil
@@ -58,6 +59,11 @@ def post_worker_init(worker):
 
     configure(_settings.log_format)
     worker.wsgi.extensions["switchyard"].warm_up()
+    # Everything loaded so far (Flask, pydantic models, the tokenizer, the pools) lives as long as the
+    # worker: frozen, it is no longer re-scanned by every full collection, which pauses every greenlet
+    # of the worker at once (measured here before freezing: 50-60 ms idle, up to 0.3 s while 10,000
+    # long-polls arrived). What is left to scan is the requests' own objects.
+    gc.freeze()
 
 
 def child_exit(_server, worker):

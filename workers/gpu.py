@@ -40,7 +40,9 @@ def _restore_unacked(app) -> None:
         log.warning("put %d unacknowledged message(s) back on %s", restored, queue)
 
 
-def _heartbeat_loop(app, node, engine, stop: threading.Event, draining: threading.Event) -> None:
+def _heartbeat_loop(app, node, engine, stop: threading.Event, draining: threading.Event,
+                    wake: threading.Event) -> None:
+    """Beat every heartbeat_interval, and at once when `wake` is set (draining begins, or stop)."""
     settings = app.settings
     failing = False
     while True:
@@ -67,7 +69,9 @@ def _heartbeat_loop(app, node, engine, stop: threading.Event, draining: threadin
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the heartbeats for good
             failing = True
             log.exception("heartbeat failed")
-        if stop.wait(settings.heartbeat_interval):
+        wake.wait(settings.heartbeat_interval)
+        wake.clear()
+        if stop.is_set():
             return
 
 
@@ -137,13 +141,19 @@ def main() -> None:
     node = Node(app, engine, tokenizer, retrieval=_make_retrieval(app, tokenizer))
     app.node = node
     _recover_previous_life(app)
-    stop, draining = threading.Event(), threading.Event()
-    # On SIGTERM Celery stops consuming and lets running batches finish; advertising `draining` at once
-    # keeps routers from sending more work here meanwhile.
-    worker_shutting_down.connect(lambda **_: (draining.set(), log.info("draining: finishing the jobs in hand")),
-                                 weak=False)
-    threading.Thread(target=_heartbeat_loop, args=(app, node, engine, stop, draining), daemon=True,
-                     name="heartbeat").start()
+    stop, draining, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def start_draining(**_) -> None:
+        # On SIGTERM Celery stops consuming and lets running batches finish; a heartbeat sent at once
+        # with `draining` keeps the dispatcher from giving this node more work meanwhile.
+        draining.set()
+        wake.set()
+        log.info("draining: finishing the jobs in hand")
+
+    worker_shutting_down.connect(start_draining, weak=False)
+    beats = threading.Thread(target=_heartbeat_loop, args=(app, node, engine, stop, draining, wake),
+                             daemon=True, name="heartbeat")
+    beats.start()
     threading.Thread(target=_cancel_listener, args=(app, node), daemon=True, name="cancels").start()
     try:
         worker = app.Worker(
@@ -160,6 +170,8 @@ def main() -> None:
         # Leaving: whatever is still routed here (messages Celery handed back to this node's queue)
         # is re-routed by the reconciler as soon as the heartbeat is gone.
         stop.set()
+        wake.set()
+        beats.join(timeout=5)  # a beat in progress must not re-register the node after it has left
         registry.deregister(app.redis, settings.node_id)
         engine.shutdown()
 
