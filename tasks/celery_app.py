@@ -66,8 +66,11 @@ class SwitchyardCelery(Celery):
         from tasks.db import make_pool
 
         # A short wait for a connection: while Postgres is down, callers (the outage ride-out) retry
-        # on their own schedule rather than sit 30 s in the pool.
-        return make_pool(self.settings.database_url, max_size=self.settings.batch_concurrency + 4, timeout=5)
+        # on their own schedule rather than sit 30 s in the pool. A batch thread holds a connection only
+        # for its transitions, so past 32 threads they take turns (a GPU worker runs one per engine seat,
+        # 256 by default, and Postgres allows 100 to 200 connections in all).
+        return make_pool(self.settings.database_url, max_size=min(self.settings.batch_concurrency, 32) + 4,
+                         timeout=5)
 
     def restore_unacked(self, queue: str) -> int:
         """Put back on `queue` every message Redis holds as delivered to it but not acknowledged.

@@ -57,10 +57,13 @@ class Settings(BaseSettings):
     sim_fail_marker: str | None = None
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
-    # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
-    # ends, so this bounds how many separately-arriving jobs can join the running engine.
-    batch_concurrency: int = Field(32, ge=1)
     max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
+    # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
+    # ends, so this bounds how many separately-arriving jobs can join the running engine. The dispatcher
+    # hands a node jobs as its slots free, often one or two at a time, so batches are small: the default,
+    # one thread per engine seat (max_num_seqs), lets every seat be filled (with 32 threads the engine
+    # held about 40 sequences and jobs waited on the node; README, Performance).
+    batch_concurrency: int | None = Field(None, ge=1, validate_default=True)
     # Jobs the dispatcher lets one node hold (routed or running); the rest wait in the fair queue, where
     # tenants are served fairly. Default: max_num_seqs + batch_size (every engine seat, plus a batch on
     # its way so the engine never idles). Batch-class jobs may take all but batch_size of the seats.
@@ -227,6 +230,11 @@ class Settings(BaseSettings):
         if not v or any(d <= 0 for d in v):
             raise ValueError("must be one or more positive numbers of seconds")
         return v
+
+    @field_validator("batch_concurrency", mode="after")
+    @classmethod
+    def _one_thread_per_seat(cls, v: int | None, info) -> int:
+        return v if v is not None else info.data.get("max_num_seqs", 256)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -104,6 +104,19 @@ def test_gpu_worker_prefetch_covers_every_batch_in_flight(built_worker, gpu_main
     assert set(app.amqp.queues.consume_from) == {node_queue(NODE_ID)}
 
 
+@pytest.mark.parametrize("max_num_seqs", [256, 48])
+def test_gpu_worker_runs_one_batch_thread_per_engine_seat_by_default(built_worker, gpu_main, max_num_seqs):
+    """Jobs reach a node as its slots free, so batches are small: a thread per engine seat lets every
+    seat fill. Its Postgres pool stays bounded however many threads there are."""
+    app, worker = built_worker(gpu_main, max_num_seqs=max_num_seqs)
+    assert app.settings.batch_concurrency == max_num_seqs
+    assert worker.concurrency == max_num_seqs
+    assert app.db.max_size == min(max_num_seqs, 32) + 4
+    app.db.close()
+    # An explicit SWITCHYARD_BATCH_CONCURRENCY still wins.
+    assert Settings(max_num_seqs=max_num_seqs, batch_concurrency=7).batch_concurrency == 7
+
+
 def test_gpu_worker_tasks_ack_late_and_reject_on_worker_loss(built_worker, gpu_main):
     app, _worker = built_worker(gpu_main)
     for name in (GENERATE_TASK, ROUTE_TASK):
