@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: up down status test bench bench-rag bench-e2e bench-capacity install model clean
+.PHONY: up down status test bench bench-rag bench-e2e bench-capacity bench-prefix install model clean
 
 up: install          ## start the whole local system and run sample jobs
 	$(PY) -m ops.cluster up
@@ -33,6 +33,9 @@ bench-e2e: install model ## end to end vs vLLM (~20 min; BENCH_ARGS=--quick ~8 m
 
 bench-capacity: install model ## orchestration capacity, SimulatedEngine (~5 min; BENCH_ARGS=--quick): docs/bench/capacity.{md,json}
 	$(PY) -m ops.capacity_bench $(BENCH_ARGS)
+
+bench-prefix: install model ## prefix cache with and without prefix affinity, two real workers (BENCH_ARGS=--quick): docs/bench/prefix.{md,json}
+	$(PY) -m ops.prefix_bench $(BENCH_ARGS)
 
 model: install       ## convert the GGUF model once into ~/.cache/switchyard
 	$(PY) -m workers.model
