@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from ops.processes import ROOT, ProcessGroup
@@ -95,6 +96,8 @@ def summarize(name: str, rows: list[dict], *, n: int, wall: float | None = None)
     out = {"system": name, "requests": n, "completed": len(heard),
            "connection_errors": sum(1 for r in rows if (r.get("error") or "").startswith("connection")),
            "other_errors": sum(1 for r in rows if r.get("error") and not r["error"].startswith("connection")),
+           # what went wrong, by kind (the answer's status and the start of its detail): the most common five
+           "error_kinds": dict(Counter(r["error"][:120] for r in rows if r.get("error")).most_common(5)),
            "seconds": wall, "jobs_per_s": len(heard) / wall if wall else None,
            "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else None}
     for q in (50, 95, 99):
@@ -143,6 +146,12 @@ def run_raw(args, reqs: list[dict], workdir: Path, *, eager: bool) -> dict:
 # --- the HTTP clients ----------------------------------------------------------------------------------
 
 
+def _http_error(status: int, body, at: str) -> str:
+    """An error answer as `HTTP <status> <at>: <what the problem document says>` (its detail, else the body)."""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return f"HTTP {status} {at}: {detail or str(body)[:200]}"
+
+
 def _connection_error(exc: Exception) -> str:
     return f"connection: {type(exc).__name__}: {exc}"[:300]
 
@@ -175,7 +184,7 @@ async def _switchyard_user(session, api: str, key: str, req: dict, mode: str, ho
         async with session.post(f"{api}/v1/jobs", json=body, headers=headers) as r:
             job = await r.json(content_type=None)
             if r.status not in (200, 202):
-                return row | {"error": f"HTTP {r.status}: {str(job)[:200]}"}
+                return row | {"error": _http_error(r.status, job, "at submit")}
         row["job_id"] = job["id"]
         if mode == "webhook":
             event = hooks.setdefault(job["id"], asyncio.get_running_loop().create_future())
@@ -188,7 +197,7 @@ async def _switchyard_user(session, api: str, key: str, req: dict, mode: str, ho
             async with session.get(f"{api}/v1/jobs/{job['id']}", params=params, headers=headers) as r:
                 job = await r.json(content_type=None)
                 if r.status != 200:
-                    return row | {"error": f"HTTP {r.status}: {str(job)[:200]}"}
+                    return row | {"error": _http_error(r.status, job, "while waiting")}
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return row | {"error": _connection_error(exc)}
     return row | {"heard": time.time(), "status": job["status"]}
@@ -395,7 +404,8 @@ def _s(v) -> str:
 def _line(r: dict) -> str:
     return (f"{r['system']}: {r['completed']}/{r['requests']} completed for the client "
             f"({r['connection_errors']} connection errors), {_s(r['jobs_per_s'])} jobs/s, "
-            f"{_s(r['tokens_per_s'])} output tok/s, p50 {_s(r['p50'])} s, p95 {_s(r['p95'])} s, p99 {_s(r['p99'])} s")
+            f"{_s(r['tokens_per_s'])} output tok/s, p50 {_s(r['p50'])} s, p95 {_s(r['p95'])} s, p99 {_s(r['p99'])} s"
+            + (f"; errors: {r['error_kinds']}" if r.get("error_kinds") else ""))
 
 
 def table(results: list[dict]) -> str:
