@@ -87,30 +87,26 @@ def counters(text: str) -> dict[str, float]:
 
 
 async def _conversation(session, api: str, key: str, conv: dict, strategy: str, max_tokens: int) -> list[dict]:
-    headers = {"Authorization": f"Bearer {key}"}
+    """One session's turns, each submitted once the previous one was answered (submit, then long-poll:
+    the end-to-end benchmark's user)."""
+    from ops.e2e_bench import _switchyard_user
+
     rows = []
     for question in conv["questions"]:
         body = {"messages": [{"role": "system", "content": conv["system"]}, {"role": "user", "content": question}],
                 "max_tokens": max_tokens, "temperature": 0.7,
                 "routing": {"strategy": strategy, "session_id": conv["session"]}}
-        row = {"session": conv["session"], "sent": time.time()}
-        async with session.post(f"{api}/v1/jobs", json=body, headers=headers) as r:
-            job = await r.json(content_type=None)
-            if r.status not in (200, 202):
-                raise RuntimeError(f"submit refused: HTTP {r.status}: {job}")
-        while job["status"] not in ("succeeded", "failed", "cancelled", "dead"):
-            async with session.get(f"{api}/v1/jobs/{job['id']}", params={"wait": "30"}, headers=headers) as r:
-                job = await r.json(content_type=None)
-        rows.append(row | {"heard": time.time(), "job_id": job["id"], "status": job["status"]})
+        row = await _switchyard_user(session, api, key, body, "long-poll", None, None)
+        if row.get("error"):
+            raise RuntimeError(f"{conv['session']}: {row['error']}")
+        rows.append(row | {"session": conv["session"]})
     return rows
 
 
 async def _run(api: str, key: str, convs: list[dict], strategy: str, max_tokens: int) -> list[dict]:
-    import aiohttp
+    from ops.e2e_bench import _crowd
 
-    timeout = aiohttp.ClientTimeout(total=1800)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        per_session = await asyncio.gather(*(_conversation(session, api, key, c, strategy, max_tokens) for c in convs))
+    per_session = await _crowd(lambda s, i: _conversation(s, api, key, convs[i], strategy, max_tokens), len(convs))
     return [row for rows in per_session for row in rows]
 
 
