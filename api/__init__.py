@@ -157,6 +157,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     from api.admin import bp as admin_bp
+    from api.admission import Admission
     from api.batches import bp as batches_bp
     from api.collections import bp as collections_bp
     from api.dead_letters import bp as dead_letters_bp
@@ -190,4 +191,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(batches_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(admin_bp)
+    app.wsgi_app = Admission(app.wsgi_app, settings.api_active_requests)
     return app

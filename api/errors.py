@@ -85,7 +85,8 @@ def register_error_handlers(app: Flask) -> None:
         app.register_error_handler(kind, lambda exc, status=status, title=title: problem(status, title, str(exc)))
 
     def _unavailable(exc: Exception):
-        log.warning("dependency unavailable: %r", exc)
+        # redis-py's exceptions repr as their kind alone ("network:ConnectionError"): log the message too.
+        log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
         return problem(503, "Service Unavailable", "a backing service (Redis or Postgres) is unreachable; retry shortly",
                        {"Retry-After": "5"})
 

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 
+from api.admission import released
 from api.auth import authenticate
 from api.errors import ApiError
 from api.events import KEEPALIVE, SSE_HEADERS, STREAM_SECONDS, follow, last_event_id, sse
@@ -297,7 +298,8 @@ def wait_until_finished(row: dict, wait: float) -> dict:
     with _services().waiter.watch(str(job_id)) as finished:
         row = load_job(job_id)
         while not JobStatus(row["status"]).is_terminal and (left := deadline - time.monotonic()) > 0:
-            finished.wait(left)
+            with released():  # the wait holds no admission slot
+                finished.wait(left)
             finished.clear()
             row = load_job(job_id)
     return row

@@ -81,7 +81,7 @@ class JobWaiter:
                     if message and message["type"] == "message":
                         self._wake((message["channel"].decode(), message["data"].decode()))
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any Redis outage
-                log.warning("job notification subscription lost (%r); renewing", exc)
+                log.warning("job notification subscription lost (%s: %s); renewing", type(exc).__name__, exc)
             self._subscribed.clear()
             self._wake(None)
             time.sleep(backoff)

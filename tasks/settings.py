@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # gevent workers: each connection is a greenlet, so a long-poll holds no thread. Connections one
     # worker serves at once (gunicorn's worker_connections); a client beyond them waits in the backlog.
     api_worker_connections: int = Field(10_000, ge=10)
+    # Requests one worker works on at once (api/admission.py); the others wait their turn, holding only
+    # their connection, and a long-poll's wait holds no slot. Below the worker's Redis pool (256).
+    api_active_requests: int = Field(128, ge=1, le=256)
     # Long-polls (GET /v1/jobs/{id}?wait=N) one tenant may hold at once across all API processes; a
     # tenant beyond it gets 429 with Retry-After, so one tenant cannot take every connection.
     max_waits_per_tenant: int = Field(5_000, ge=1)
