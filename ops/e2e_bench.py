@@ -484,22 +484,28 @@ def write_report(args, results: list[dict], started: dt.datetime, minutes: float
     from ops.bench import machine
 
     DOCS.mkdir(parents=True, exist_ok=True)
-    m = machine()
-    command = "python -m ops.e2e_bench " + " ".join(shlex.quote(a) for a in args.argv)
-    (DOCS / "e2e.json").write_text(json.dumps({"command": command, "machine": m, "started": started.isoformat(),
-                                               "minutes": minutes, "users": args.users, "seed": args.seed,
-                                               "results": results}, indent=1, default=str))
-    title = f"{args.users} users, seed {args.seed}, {m['cores']} cores ({m['cpu']})"
-    plot(results, DOCS / "e2e.png", title)
+    run = {"command": "python -m ops.e2e_bench " + " ".join(shlex.quote(a) for a in args.argv), "machine": machine(),
+           "started": started.isoformat(), "minutes": minutes, "users": args.users, "seed": args.seed,
+           "results": results}
+    (DOCS / "e2e.json").write_text(json.dumps(run, indent=1, default=str))
+    say(f"wrote {DOCS / 'e2e.json'}")
+    write_pages(run)
+
+
+def write_pages(run: dict) -> None:
+    """docs/bench/e2e.md and e2e.png from a run's JSON (what write_report stored; `--report` redoes them)."""
+    command, m, results = run["command"], run["machine"], run["results"]
+    started, minutes, users, seed = dt.datetime.fromisoformat(run["started"]), run["minutes"], run["users"], run["seed"]
     md = [f"# End-to-end benchmark\n", f"`{command}` — {started:%Y-%m-%d %H:%M} UTC, {minutes:.0f} min; "
-          f"{args.users} users at once, seed {args.seed}; machine: {m['cores']} cores, {m['cpu']}, "
+          f"{users} users at once, seed {seed}; machine: {m['cores']} cores, {m['cpu']}, "
           f"Python {m['python']}, {m['os']}.\n", table(results), "", phase_table(results), "",
           *[f"- {x}" for x in ratios(results)],
           *[f"- result cache: {r['cache']['hits']} hits of {r['requests']} jobs ({r['cache']['hit_rate']:.0%}), "
             f"{r['cache']['engine_seconds_saved']:.0f} s of engine time saved" for r in results if "cache" in r],
           "", "![latency CDF and throughput over time](e2e.png)", ""]
     (DOCS / "e2e.md").write_text("\n".join(md))
-    say(f"wrote {DOCS / 'e2e.md'}, e2e.json and e2e.png")
+    plot(results, DOCS / "e2e.png", f"{users} users, seed {seed}, {m['cores']} cores ({m['cpu']})")
+    say(f"wrote {DOCS / 'e2e.md'} and e2e.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -515,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eager-workers", action=argparse.BooleanOptionalAction, default=True,
                    help="Switchyard's GPU worker in vLLM eager mode (its default) or compiled")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/bench alone")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: write docs/bench/e2e.md and e2e.png again from a run's e2e.json")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--raw-child", help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
@@ -526,6 +534,14 @@ def main(argv: list[str] | None = None) -> None:
         args.model = Settings.from_env().resolved_model_path
     if args.raw_child:
         return raw_child(args.raw_child, str(args.model), args.eager)
+    if not args.no_write:
+        try:  # fail now, not after the run: the report's plot needs the bench extra
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("the report's plot needs matplotlib: `pip install -e '.[bench]'` (`make bench-e2e` "
+                             "does), or pass --no-write to print the tables only") from None
+    if args.report:
+        return write_pages(json.loads(args.report.read_text()))
     args.users = args.users or (300 if args.quick else 1000)
     args.modes = (args.modes or ("long-poll,webhook" if args.quick else ",".join(SWITCHYARD_MODES))).split(",")
     systems = args.systems.split(",")
