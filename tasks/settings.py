@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     sim_fail_marker: str | None = None
     batch_size: int = Field(32, ge=1)  # celery-batches flush_every
     batch_flush_interval: float = Field(0.05, gt=0)  # seconds a partial batch waits before it is flushed
-    max_num_seqs: int = Field(256, ge=1)  # vLLM's cap on sequences scheduled together; more wait inside vLLM
+    # vLLM's cap on sequences scheduled together; more wait inside vLLM. 128 is what vLLM's own OpenAI server
+    # schedules on a CPU: with 256, each engine step on two cores took so long that the median job took
+    # 1.24x the server's time end to end, 1.08x with 128 (README, Performance). GPUs take more (256-1024).
+    max_num_seqs: int = Field(128, ge=1)
     # Batches that may be generating at once on one node: each holds a pool thread until its slowest job
     # ends, so this bounds how many separately-arriving jobs can join the running engine. The dispatcher
     # hands a node jobs as its slots free, often one or two at a time, so batches are small: the default,
