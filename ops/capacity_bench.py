@@ -9,9 +9,10 @@ reconciler, `--workers` GPU-worker processes), an embedded Postgres and Valkey o
 For each offered rate (open loop: submissions at fixed intervals from one asyncio client, whatever the
 answers' latency), `--seconds` of submissions, then a wait for every job to end. A rate is **sustained**
 when every job succeeded, jobs completed at 95 % of the offered rate or more, and the last one finished
-within `--grace` seconds of the last submission (the backlog did not grow without bound). Reported per rate: submit latency p50/p99 (POST sent → 202
-received), jobs completed, the achieved completion rate, and the lag of the last job. The highest
-sustained rate, and the submit p99 at 500 jobs/s, are the issue's two figures.
+within `--grace` seconds of the last submission (the backlog did not grow without bound). Reported per
+rate: submit latency p50/p99 (POST sent → 202 received), jobs completed, the achieved completion rate,
+and the lag of the last job. The highest sustained rate, and the submit p99 at 500 jobs/s, are the
+issue's two figures.
 
 Writes docs/bench/capacity.md and docs/bench/capacity.json (`--no-write`: print only).
 """

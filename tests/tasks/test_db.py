@@ -14,7 +14,8 @@ from tasks.db import _RecentlyUsedCheck, make_pool
 def test_a_connection_handed_out_a_moment_ago_is_not_checked_again(base_settings, monkeypatch):
     checks = []
     real = ConnectionPool.check_connection
-    monkeypatch.setattr(ConnectionPool, "check_connection", staticmethod(lambda conn: (checks.append(conn), real(conn))))
+    monkeypatch.setattr(ConnectionPool, "check_connection",
+                        staticmethod(lambda conn: (checks.append(conn), real(conn))))
     with make_pool(base_settings.database_url, min_size=1, max_size=1, name="check-test") as pool:
         for _ in range(20):
             with pool.connection() as conn:
