@@ -17,9 +17,9 @@ model) goes, in one run and one after another on this machine, through:
      `cache: true`); half of it is run first, not measured, then the whole of it is measured with
      long-polls, so about half the jobs can be answered from the cache. Reported: the hit rate and the
      engine time the hits saved (their source jobs' started → finished).
-   Its GPU worker runs vLLM in eager mode (SWITCHYARD_ENFORCE_EAGER's default: the model loads in half
-   the time); `switchyard-compiled` runs the long-poll clients once more on a worker in vLLM's
-   compiled mode, like the two baselines, so both are compared in the same run.
+   Its GPU worker runs vLLM compiled (SWITCHYARD_ENFORCE_EAGER's default, like the two baselines);
+   `switchyard-eager` runs the long-poll clients once more on a worker in vLLM's eager mode (it loads
+   faster and generates less), so both are compared in the same run.
 
 Every user starts at the same moment. Reported per system: completed for the client (the client
 learned the final answer), connection errors, jobs/s and output tokens/s (over the span from the
@@ -328,7 +328,7 @@ def run_switchyard(args, reqs: list[dict], workdir: Path, *, eager: bool, modes:
             rows = asyncio.run(_switchyard_mode(cluster.api, key, todo, "long-poll" if mode == "cache" else mode,
                                                 receiver_port))
             phases = _phases(cluster, rows)  # also fills in each row's tokens and status from its job
-            label = f"Switchyard ({mode}{'' if eager else ', compiled'})"
+            label = f"Switchyard ({mode}{', eager' if eager else ''})"
             out = summarize(label, rows, n=len(todo))
             out["phases"] = phases
             out["startup_s"] = startup
@@ -512,14 +512,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m ops.e2e_bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="300 users, Switchyard by long-poll and webhook, no compiled-worker run (~8 min)")
+                   help="300 users, Switchyard by long-poll and webhook, no eager-worker run (~8 min)")
     p.add_argument("--users", type=int, default=None, help="concurrent users (default 1000; --quick 300)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--systems", default="raw,server,switchyard,switchyard-compiled",
-                   help="comma-separated subset of raw, server, switchyard, switchyard-compiled")
+    p.add_argument("--systems", default="raw,server,switchyard,switchyard-eager",
+                   help="comma-separated subset of raw, server, switchyard, switchyard-eager")
     p.add_argument("--modes", default=None, help="Switchyard client modes (default: long-poll,poll,webhook,cache)")
-    p.add_argument("--eager-workers", action=argparse.BooleanOptionalAction, default=True,
-                   help="Switchyard's GPU worker in vLLM eager mode (its default) or compiled")
+    p.add_argument("--eager-workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="`switchyard`'s GPU worker in vLLM eager mode or compiled (default: SWITCHYARD_ENFORCE_EAGER)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/bench alone")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="run nothing: write docs/bench/e2e.md and e2e.png again from a run's e2e.json")
@@ -528,10 +528,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = argv
-    if args.model is None:
+    if args.model is None or args.eager_workers is None:
         from tasks.settings import Settings
 
-        args.model = Settings.from_env().resolved_model_path
+        settings = Settings.from_env()
+        args.model = args.model or settings.resolved_model_path
+        args.eager_workers = settings.enforce_eager if args.eager_workers is None else args.eager_workers
     if args.raw_child:
         return raw_child(args.raw_child, str(args.model), args.eager)
     if not args.no_write:
@@ -546,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     args.modes = (args.modes or ("long-poll,webhook" if args.quick else ",".join(SWITCHYARD_MODES))).split(",")
     systems = args.systems.split(",")
     if args.quick and args.systems == p.get_default("systems"):
-        systems.remove("switchyard-compiled")
+        systems.remove("switchyard-eager")
     reqs = workload(args.users, args.seed)
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
     results: list[dict] = []
@@ -559,8 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         if "switchyard" in systems:
             results.extend(run_switchyard(args, reqs, workdir / "switchyard", eager=args.eager_workers,
                                           modes=args.modes))
-        if "switchyard-compiled" in systems:  # the GPU worker in vLLM's compiled mode, long-poll clients
-            results.extend(run_switchyard(args, reqs, workdir / "switchyard-compiled", eager=False,
+        if "switchyard-eager" in systems:  # the GPU worker in vLLM's eager mode, long-poll clients
+            results.extend(run_switchyard(args, reqs, workdir / "switchyard-eager", eager=True,
                                           modes=["long-poll"]))
     minutes = (time.monotonic() - t0) / 60
     print("\n" + table(results) + "\n\n" + phase_table(results) + "\n")
