@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     kv_cache_gib: int = Field(2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB) on CPU machines
     # vLLM compiled (torch.compile) generates more: 0.93x vLLM's own server's tokens/s end to end here, 0.78x
     # eager, in one run (README, Performance). It loads in ~45 s with its compile cache warm (~90 s the
-    # first time on a machine; eager: ~35 s). Tests of behaviour set it true to start faster.
+    # first time on a machine; eager: ~35 s).
     enforce_eager: bool = False
     heartbeat_interval: float = Field(2.0, gt=0)
     heartbeat_ttl: float = Field(6.0, gt=0)

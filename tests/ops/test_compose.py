@@ -99,6 +99,11 @@ def test_worker_reserves_an_nvidia_gpu(compose):
     assert env["SWITCHYARD_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct"
     assert env.get("SWITCHYARD_NODE_ID")
     assert any(str(v).split(":")[:2] == ["models", "/models"] for v in worker["volumes"]), worker["volumes"]
+    # vLLM's compile cache outlives the container (a compiled engine then loads instead of compiling),
+    # at the app user's cache, which the image creates owned by that user so the new volume is writable.
+    assert "vllm-cache:/home/switchyard/.cache/vllm" in worker["volumes"] and "vllm-cache" in compose["volumes"]
+    dockerfile = (Path(__file__).parents[2] / "ops" / "Dockerfile").read_text()
+    assert "mkdir -p /models /home/switchyard/.cache/vllm" in dockerfile and "USER switchyard" in dockerfile
     assert worker["stop_grace_period"] == "2m"
 
 
